@@ -1,0 +1,1 @@
+"""eval_robust.py — being written."""
