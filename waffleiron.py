@@ -1,16 +1,1655 @@
-"""waffleiron.py — the WaffleIron backbone, heads, checkpoint I/O and training helpers.
+"""waffleiron.py — the WaffleIron backbone of ScaLR, its heads, checkpoint I/O and the training helpers.
 
-(being written; see sections below)
+WaffleIron (Puy, Boulch, Marlet, ICCV 2023) turns a lidar scan into per-point features:
+  1. point tokens: each point's 5 input features [intensity, x, y, z, radius] and its 16 nearest neighbours'
+     go through a small PointNet-like embedding (WI paper, point tokens)                       -> (B, F, N)
+  2. L blocks, each = spatial mixing + channel mixing (WI paper, the WaffleIron backbone):
+     - spatial mixing: average the tokens into a 2D grid (projection along z, y, then x, cycling with the
+       layer), two depthwise 3x3 convolutions there, copy each cell's value back to its points;
+     - channel mixing: a per-point 2-layer MLP;
+     both with a pre-norm (LayerNorm in ScaLR), LayerScale, stochastic depth and a residual connection.
+  3. a head (`classif`): ScaLR distillation (Conv1d 768 -> 1024, or the Supp. B.2 MLP), or a segmentation head.
+ScaLR (CVPR 2024) uses WI-48-768 (60.2 M parameters) and WI-48-256; facts: ../shared/spec/official.md §4, §7.
+
+    python waffleiron.py features --ckpt runs/distill/model.pth --scan scan.npy --out feats.npy   # (N, F) features
+    python waffleiron.py features --ckpt model.pth --scan 000000.bin --out f.npy --layer head     # KITTI .bin
+    python waffleiron.py --bench                                       # ours vs official layout, CPU, ~1-2 min
+    python waffleiron.py --bench --device cuda --width 768 --depth 48 --batch 8 --amp bf16 --compile
+
+In Python:  model = load_checkpoint('model.pth')  (released ScaLR / WaffleIron files or ours, strict)
+            out = model(feat, cells, neighbors, occupied)   # inputs from data.prepare_scan + data.collate
+Sections: [model] backbone, heads, checkpoint I/O, CLI (features, bench); [train] schedules, layer decay,
+atomic save/resume, DDP, losses, evaluation. Imports here stay light (torch, numpy, stdlib; no timm).
 """
 import torch
 import torch.nn as nn
 
 # ==== [model] Backbone ====
+# WaffleIron (Puy, Boulch, Marlet, "Using a Waffle Iron for Automotive Point Cloud Semantic Segmentation",
+# ICCV 2023; "WI paper" below, cited by part name) with the ScaLR settings (Supp. B.2 "shared setting";
+# official.md §4).
+#
+# Shapes: B scans per batch, N points per scan (zero-padded to the largest scan), F = width, k = 16 neighbours.
+# Interface (CONTRACT): feat (B, 5, N), cells (B, 3, N), neighbors (B, k, N) without the point itself,
+# occupied (B, N) bool; outputs and heads are channels-first (B, C, N) like the official code.
+#
+# Inside the trunk we keep the tokens TOKEN-MAJOR, (B, N, F) == (B*N, F) rows, instead of the official
+# (B, F, N): LayerNorm is then over the contiguous last axis, the 1x1 Conv1d's are plain matmuls (F.linear on the
+# same (F, F, 1) parameters), and the 2D "flatten"/"inflate" of the spatial mixing are row-wise `index_add_` /
+# `index_select` with one index per point (instead of one index per point AND channel for `scatter`/`gather`).
+# The per-plane cell index and the 1/count weights are computed once per batch, not once per layer.
+# `naive_forward_features` below is a direct implementation of the official layout and per-layer
+# scatter/gather; tests check both give the same numbers, `python waffleiron.py --bench` times them.
+import torch.nn.functional as F
+from typing import NamedTuple
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
+
+DEFAULT_GRIDS = ((256, 256), (256, 32), (256, 32))  # official.md §3.4: ±64 m x ±64 m x ±8 m, 0.5 m cells
+EMBED_CHUNK_ROWS = 1 << 18  # eval only: neighbour rows (B*k*n) per chunk of the embedding, bounds memory
+
+
+def rows_batch_norm(bn, rows):
+    """Apply a BatchNorm2d (or its SyncBatchNorm conversion) to rows (M, C) without copying.
+
+    A contiguous (M, C) tensor viewed as (M, C, 1, 1) is a valid NCHW input, and statistics over (M, 1, 1)
+    are the statistics over the M rows, i.e. exactly what BatchNorm2d computes on the official (B, C, k, N)."""
+    M, C = rows.shape
+    return bn(rows.reshape(M, C, 1, 1)).reshape(M, C)
+
+
+def make_norm(channels, layer_norm):
+    """Token norm of the mixing blocks: LayerNorm over channels (ScaLR, official.md §4.2: `layernorm: True`,
+    needed at F=768 where BatchNorm gives NaN under fp16) or BatchNorm1d (original WaffleIron)."""
+    return nn.LayerNorm(channels) if layer_norm else nn.BatchNorm1d(channels)
+
+
+def channels_first_norm(norm, x):
+    """Official-layout norm of x (B, F, N): BatchNorm1d takes it as is, LayerNorm needs F last."""
+    if isinstance(norm, nn.LayerNorm):
+        return norm(x.transpose(1, 2)).transpose(1, 2)
+    return norm(x)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth (official.md §4.2): drop the whole residual branch of a scan with probability p,
+    scale survivors by 1/(1-p); the same p in every block (no linear ramp). Identity in eval."""
+
+    def __init__(self, p=0.0):
+        super().__init__()
+        self.p = float(p)
+
+    def forward(self, x):  # x (B, ...) -> same
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)  # (B, 1, 1)
+        return x * mask / keep
+
+    def extra_repr(self):
+        return f"p={self.p}"
+
+
+class Embedding(nn.Module):
+    """Point tokens (WI paper, "point tokens"; official.md §4.1): BatchNorm always, even in LayerNorm models.
+
+    token(p) = final([conv1(x_p), max_j conv2(x_{n_j(p)} - x_p)]) where x = BatchNorm1d(feat) and n_j(p) are
+    the k nearest neighbours of p (relative *normalised features*, not relative coordinates)."""
+
+    def __init__(self, channels_in, channels_out):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(channels_in)
+        self.conv1 = nn.Conv1d(channels_in, channels_out, 1)  # point branch (bias)
+        self.conv2 = nn.Sequential(  # neighbour branch, convs without bias
+            nn.BatchNorm2d(channels_in),
+            nn.Conv2d(channels_in, channels_out, 1, bias=False),
+            nn.BatchNorm2d(channels_out),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(channels_out, channels_out, 1, bias=False),
+        )
+        self.final = nn.Conv1d(2 * channels_out, channels_out, 1)
+
+    def neighbour_max(self, x, neighbour_rows, centre_rows):
+        """x (B*N, C) normalised features; neighbour_rows (B, k, n) and centre_rows (B, n) index rows of x.
+        Returns max over the k neighbours of conv2(x_neighbour - x_centre): (B*n, F)."""
+        B, k, n = neighbour_rows.shape
+        C = x.shape[1]
+        centre = x.index_select(0, centre_rows.reshape(-1)).view(B, 1, n, C)
+        rel = x.index_select(0, neighbour_rows.reshape(-1)).view(B, k, n, C) - centre  # (B, k, n, C)
+        bn_in, conv_a, bn_mid, _, conv_b = self.conv2
+        h = rows_batch_norm(bn_in, rel.reshape(-1, C))                                # (B*k*n, C)
+        # ReLU out of place: in place on the (M, F) view of BN's (M, F, 1, 1) output costs a full copy in backward
+        h = torch.relu(rows_batch_norm(bn_mid, F.linear(h, conv_a.weight.flatten(1))))  # (B*k*n, F)
+        h = F.linear(h, conv_b.weight.flatten(1))                                     # (B*k*n, F)
+        return h.view(B, k, n, -1).max(dim=1).values.reshape(B * n, -1)              # (B*n, F)
+
+    def forward(self, feat, neighbors):
+        """feat (B, C_in, N), neighbors (B, k, N) -> tokens (B, N, F), token-major."""
+        B, C, N = feat.shape
+        k = neighbors.shape[1]
+        x = self.norm(feat).transpose(1, 2).reshape(B * N, C)                 # (B*N, C_in)
+        offset = torch.arange(B, device=feat.device).view(B, 1) * N
+        rows = neighbors + offset.view(B, 1, 1)                                # (B, k, N) rows of x
+        centre = torch.arange(N, device=feat.device).view(1, N) + offset        # (B, N)
+        # Training: BatchNorm statistics need every neighbour row at once. Eval: BN uses running stats, so
+        # chunking over points is exact and bounds memory (the (B, k, N, F) tensor is 4 GB at N=90k, F=768).
+        step = N if self.training else max(1, EMBED_CHUNK_ROWS // (B * k))
+        width = self.final.out_channels
+        parts = [self.neighbour_max(x, rows[:, :, s:s + step], centre[:, s:s + step]).view(B, -1, width)
+                 for s in range(0, N, step)]                                   # each (B, n, F)
+        neighbour = torch.cat(parts, dim=1).reshape(B * N, -1)                  # (B*N, F)
+        point = F.linear(x, self.conv1.weight.flatten(1), self.conv1.bias)      # (B*N, F)
+        tokens = F.linear(torch.cat([point, neighbour], dim=1), self.final.weight.flatten(1), self.final.bias)
+        return tokens.view(B, N, -1)                                            # (B, N, F)
+
+
+class ChannelMix(nn.Module):
+    """Channel mixing (WI paper, "channel mixing"; official.md §4.2): t <- t + DropPath(LayerScale(MLP(Norm(t)))),
+    MLP = Conv1d(F,F,1) -> ReLU (GELU in ScaLR+) -> Conv1d(F,F,1), applied to every point independently."""
+
+    def __init__(self, channels, drop_path=0.0, layer_norm=True, gelu=False):
+        super().__init__()
+        self.norm = make_norm(channels, layer_norm)
+        self.mlp = nn.Sequential(nn.Conv1d(channels, channels, 1), nn.GELU() if gelu else nn.ReLU(),
+                                 nn.Conv1d(channels, channels, 1))
+        # LayerScale: per-channel gain as a depthwise 1x1 conv, PyTorch default init U(-1, 1) (official.md §4.2;
+        # no 1e-5 init).
+        self.scale = nn.Conv1d(channels, channels, 1, groups=channels, bias=False)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, tokens):
+        """tokens (B, N, F) -> (B, N, F)."""
+        B, N, C = tokens.shape
+        r = self.norm(tokens.reshape(B * N, C))                                             # (B*N, F)
+        r = self.mlp[1](F.linear(r, self.mlp[0].weight.flatten(1), self.mlp[0].bias))     # (B*N, F)
+        # LayerScale folded into the last conv: diag(s) (W r + b) = (diag(s) W) r + s*b (exact; gradients flow
+        # to W, b and s through the products).
+        s = self.scale.weight.view(C)
+        r = F.linear(r, self.mlp[2].weight.flatten(1) * s[:, None], self.mlp[2].bias * s)  # (B*N, F)
+        return tokens + self.drop_path(r.view(B, N, C))
+
+
+class ProjectionIndex(NamedTuple):
+    """One 2D plane of a batch (WI paper, spatial mixing), computed once per batch and reused by every layer using it.
+
+    index: (B*N,) int64, row of point (b, i) in the flattened (B*H*W) grid = b*H*W + cell[b, i].
+    weight: (B*N,) float, occupied / (points in the cell + 1e-6), so that summing weight*token per cell is the
+    masked mean of the official code (padding has weight 0). shape: (H, W)."""
+    index: torch.Tensor
+    weight: torch.Tensor
+    shape: tuple
+
+
+def projection_indices(cells, occupied, grids):
+    """cells (B, 3, N) int64 flat cell ids q_a*W + q_b per plane, occupied (B, N) bool -> 3 ProjectionIndex."""
+    B, P, N = cells.shape
+    if P != len(grids):
+        raise ValueError(f"cells has {P} planes but the model has {len(grids)} grids {grids}")
+    occ = occupied.reshape(-1).to(torch.float32)                                  # (B*N,)
+    planes = []
+    for p, (H, W) in enumerate(grids):
+        if not torch.compiler.is_compiling():
+            lo, hi = int(cells[:, p].min()), int(cells[:, p].max())
+            if lo < 0 or hi >= H * W:
+                raise ValueError(f"cell ids of plane {p} span [{lo}, {hi}] but grid {H}x{W} has {H * W} cells: "
+                                 "the model's grids must match the preprocessing (GridConfig.grids)")
+        offset = torch.arange(B, device=cells.device).view(B, 1) * (H * W)
+        index = (cells[:, p] + offset).reshape(-1)                                # (B*N,)
+        count = torch.zeros(B * H * W, device=cells.device).index_add_(0, index, occ)  # points per cell
+        weight = occ / (count.index_select(0, index) + 1e-6)                      # (B*N,)
+        planes.append(ProjectionIndex(index, weight, (int(H), int(W))))
+    return planes
+
+
+class SpatialMix(nn.Module):
+    """Spatial mixing (WI paper, "spatial mixing": flatten / 2D FFN / inflate; official.md §4.2):
+    t <- t + DropPath(inflate(LayerScale(FFN(flatten(Norm(t)))))) with
+      flatten: each cell of the H x W grid = mean of the normed tokens of the real points in it (empty = 0),
+      FFN: depthwise Conv2d 3x3 -> ReLU (GELU in ScaLR+) -> depthwise Conv2d 3x3,
+      inflate: each point reads back the value of its cell."""
+
+    def __init__(self, channels, drop_path=0.0, layer_norm=True, gelu=False):
+        super().__init__()
+        self.norm = make_norm(channels, layer_norm)
+        self.ffn = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=1, groups=channels), nn.GELU() if gelu else nn.ReLU(),
+            nn.Conv2d(channels, channels, 3, padding=1, groups=channels))
+        self.scale = nn.Conv1d(channels, channels, 1, groups=channels, bias=False)  # LayerScale, U(-1, 1) init
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, tokens, plane):
+        """tokens (B, N, F), plane: ProjectionIndex -> (B, N, F)."""
+        B, N, C = tokens.shape
+        H, W = plane.shape
+        r = self.norm(tokens.reshape(B * N, C))                                            # (B*N, F)
+        # flatten: grid[cell] = sum_{p in cell} occupied_p / count_cell * r_p  (masked mean)
+        grid = r.new_zeros(B * H * W, C).index_add_(0, plane.index, r * plane.weight[:, None].to(r.dtype))
+        grid = grid.view(B, H, W, C).permute(0, 3, 1, 2)                   # (B, F, H, W), channels_last strides
+        conv_a, act, conv_b = self.ffn
+        grid = act(conv_a(grid))                                                           # (B, F, H, W)
+        # LayerScale (a per-channel gain, applied on the grid before inflate in the official code) folded
+        # into the second depthwise conv: s * (w * g + b) = (s w) * g + s b.
+        s = self.scale.weight.view(C)
+        grid = F.conv2d(grid, conv_b.weight * s.view(C, 1, 1, 1), conv_b.bias * s, padding=1, groups=C)
+        grid = grid.permute(0, 2, 3, 1).reshape(B * H * W, C)                              # (B*H*W, F)
+        # inflate: every point takes its cell's value
+        out = grid.index_select(0, plane.index).view(B, N, C)                              # (B, N, F)
+        return tokens + self.drop_path(out).to(tokens.dtype)
+
+
+class WaffleIronBackbone(nn.Module):
+    """L blocks; block l = SpatialMix on plane l mod 3 (z, y, x, z, ...) then ChannelMix (official.md §4.2).
+    No final norm after the last block. Optional activation checkpointing per mixing layer (ScaLR+,
+    official.md §9: torch.utils.checkpoint, use_reentrant=False). With BatchNorm, checkpointing recomputes
+    the forward in backward and so updates running stats twice; ScaLR+ uses it only with LayerNorm."""
+
+    def __init__(self, channels, depth, drop_path=0.0, layer_norm=True, gelu=False, checkpointing=False):
+        super().__init__()
+        self.channel_mix = nn.ModuleList([ChannelMix(channels, drop_path, layer_norm, gelu) for _ in range(depth)])
+        self.spatial_mix = nn.ModuleList([SpatialMix(channels, drop_path, layer_norm, gelu) for _ in range(depth)])
+        self.checkpointing = checkpointing
+
+    def forward(self, tokens, planes):
+        """tokens (B, N, F), planes: the 3 ProjectionIndex of the batch -> (B, N, F)."""
+        use_ckpt = self.checkpointing and self.training and torch.is_grad_enabled()
+        for l, (spatial, channel) in enumerate(zip(self.spatial_mix, self.channel_mix)):
+            plane = planes[l % 3]  # official.md §3.5: layer l uses projection l mod 3
+            if use_ckpt:
+                tokens = activation_checkpoint(spatial, tokens, plane, use_reentrant=False)
+                tokens = activation_checkpoint(channel, tokens, use_reentrant=False)
+            else:
+                tokens = channel(spatial(tokens, plane))
+        return tokens
+
+
+class WaffleIron(nn.Module):
+    """WaffleIron + head, official tensor names: embed.*, waffleiron.{spatial,channel}_mix.{i}.*, classif.*.
+
+    WI-48-768 (ScaLR): WaffleIron(5, 768, 48, 1024) = 60,222,996 parameters with the linear distillation head.
+    head: 'linear' (Conv1d F->C, ScaLR distillation / original WaffleIron segmentation), 'mlp' (Supp. B.2
+    multi-teacher MLP, needs teacher_dims), 'scalr_plus' (ScaLR+ Conv1d F->2048 -> ReLU -> Conv1d 2048->C),
+    'seg' (BatchNorm1d + zero-init Conv1d, official.md §4.4), None (no head: forward = forward_features),
+    or an nn.Module."""
+
+    def __init__(self, input_channels=5, feat_channels=768, depth=48, nb_class=1024, grids=DEFAULT_GRIDS,
+                 layer_norm=True, drop_path=0.0, gelu=False, checkpointing=False, head="linear",
+                 teacher_dims=None):
+        super().__init__()
+        self.embed = Embedding(input_channels, feat_channels)
+        self.waffleiron = WaffleIronBackbone(feat_channels, depth, drop_path, layer_norm, gelu, checkpointing)
+        self.grids = tuple((int(h), int(w)) for h, w in grids)  # no parameter depends on them (official §3.4)
+        self.config = dict(input_channels=input_channels, feat_channels=feat_channels, depth=depth,
+                           nb_class=nb_class, grids=[list(g) for g in self.grids], layer_norm=bool(layer_norm),
+                           drop_path=float(drop_path), gelu=bool(gelu), checkpointing=bool(checkpointing),
+                           head=head if isinstance(head, str) or head is None else "custom",
+                           teacher_dims=list(teacher_dims) if teacher_dims else None)
+        is_name = isinstance(head, str) or head is None
+        self.classif = make_head(head, feat_channels, nb_class, teacher_dims) if is_name else head
+
+    def set_head(self, module):
+        """Replace the head (e.g. the pretraining head by seg_head(F, K) for probing/finetuning, official §7)."""
+        self.classif = module if module is not None else nn.Identity()
+        kind, out = head_kind(self.classif)
+        self.config.update(head=kind, nb_class=out if out is not None else self.config["nb_class"])
+        return self.classif
+
+    def set_grids(self, grids):
+        """Change the 2D grids (e.g. PandaSet's 512 grid at finetuning); no parameter depends on them."""
+        self.grids = tuple((int(h), int(w)) for h, w in grids)
+        self.config["grids"] = [list(g) for g in self.grids]
+
+    def forward_features(self, feat, cells, neighbors, occupied):
+        """feat (B, C_in, N), cells (B, 3, N), neighbors (B, k, N), occupied (B, N) -> trunk output (B, F, N)."""
+        tokens = self.embed(feat, neighbors)                                      # (B, N, F)
+        planes = projection_indices(cells, occupied, self.grids)                  # 3 x ProjectionIndex
+        tokens = self.waffleiron(tokens, planes)                                  # (B, N, F)
+        return tokens.transpose(1, 2).contiguous()                                # (B, F, N)
+
+    def forward(self, feat, cells, neighbors, occupied):
+        """-> head output (B, C, N)."""
+        return self.classif(self.forward_features(feat, cells, neighbors, occupied))
+
+
+# ---- Reference: a direct implementation of the official layout, for tests and `--bench` ----
+
+def naive_embedding(embed, feat, neighbors):
+    """Official layout: feat (B, C_in, N) -> (B, F, N), gathering a (B, C, k, N) neighbour tensor."""
+    x = embed.norm(feat)                                                            # (B, C, N)
+    B, C, N = x.shape
+    k = neighbors.shape[1]
+    nb = x.gather(2, neighbors.reshape(B, 1, k * N).expand(B, C, k * N)).view(B, C, k, N)
+    neighbour = embed.conv2(nb - x.unsqueeze(2)).max(dim=2).values                  # (B, F, N)
+    return embed.final(torch.cat([embed.conv1(x), neighbour], dim=1))               # (B, F, N)
+
+
+def naive_channel_mix(mix, tokens):
+    """Official layout: tokens (B, F, N) -> (B, F, N)."""
+    return tokens + mix.drop_path(mix.scale(mix.mlp(channels_first_norm(mix.norm, tokens))))
+
+
+def naive_spatial_mix(mix, tokens, cell, occupied, grid_shape):
+    """Official design, everything recomputed in every layer: tokens (B, F, N), cell (B, N) flat cell ids of
+    this plane, occupied (B, N) bool -> (B, F, N). Masked mean by scatter_reduce, inflate by gather."""
+    B, C, N = tokens.shape
+    H, W = grid_shape
+    r = channels_first_norm(mix.norm, tokens)                                       # (B, F, N)
+    occ = occupied.to(r.dtype)                                                      # (B, N)
+    count = torch.zeros(B, H * W, dtype=r.dtype, device=r.device).scatter_reduce(1, cell, occ, "sum")
+    weight = occ / (count.gather(1, cell) + 1e-6)                                   # (B, N)
+    index = cell.unsqueeze(1).expand(B, C, N)                                       # (B, F, N)
+    grid = torch.zeros(B, C, H * W, dtype=r.dtype, device=r.device)
+    grid = grid.scatter_reduce(2, index, r * weight.unsqueeze(1), "sum")            # (B, F, H*W)
+    grid = mix.scale(mix.ffn(grid.view(B, C, H, W)).view(B, C, H * W))             # (B, F, H*W)
+    return tokens + mix.drop_path(grid.gather(2, index))                            # (B, F, N)
+
+
+def naive_forward_features(model, feat, cells, neighbors, occupied):
+    """Same numbers as model.forward_features (to ~1e-5 in fp32), official layout and per-layer scatter."""
+    tokens = naive_embedding(model.embed, feat, neighbors)                          # (B, F, N)
+    trunk = model.waffleiron
+    for l, (spatial, channel) in enumerate(zip(trunk.spatial_mix, trunk.channel_mix)):
+        tokens = naive_spatial_mix(spatial, tokens, cells[:, l % 3], occupied, model.grids[l % 3])
+        tokens = naive_channel_mix(channel, tokens)
+    return tokens
+
+
 
 # ==== [model] Heads ====
+# Every head maps the trunk output (B, F, N) to (B, C, N) and is stored as `classif` (official names).
+
+def normalize_parts(x, dims, dim=1):
+    """Supp. B.2 (multi-teacher): split x along `dim` into parts of sizes `dims`, l2-normalise each part
+    independently (F.normalize, eps 1e-12 as in official.md §5.1), re-concatenate. x (..., sum(dims), ...)."""
+    dims = [int(d) for d in dims]
+    if sum(dims) != x.shape[dim]:
+        raise ValueError(f"normalize_parts: teacher dims {dims} sum to {sum(dims)} but x has {x.shape[dim]} "
+                         f"channels on dim {dim}")
+    return torch.cat([F.normalize(part, dim=dim) for part in torch.split(x, dims, dim=dim)], dim=dim)
+
+
+class ChannelLayerNorm(nn.LayerNorm):
+    """LayerNorm over the channel axis of a channels-first (B, C, N) tensor (per point)."""
+
+    def forward(self, x):  # (B, C, N) -> (B, C, N)
+        return super().forward(x.transpose(1, 2)).transpose(1, 2)
+
+
+class MLPDistillHead(nn.Sequential):
+    """Supp. B.2 multi-teacher head psi_3D: Conv1d(F -> 2F) -> LayerNorm -> ReLU -> Conv1d(2F -> sum(dims)),
+    then split per teacher, l2-normalise each part and re-concatenate (normalize_parts).
+    Keys classif.0.*, classif.1.* (LayerNorm), classif.3.*. Not in the released code (official.md §4.3)."""
+
+    def __init__(self, channels, teacher_dims):
+        dims = [int(d) for d in teacher_dims]
+        super().__init__(nn.Conv1d(channels, 2 * channels, 1), ChannelLayerNorm(2 * channels), nn.ReLU(),
+                         nn.Conv1d(2 * channels, sum(dims), 1))
+        self.teacher_dims = dims
+
+    def forward(self, x):  # (B, F, N) -> (B, sum(dims), N), each teacher part unit-norm
+        return normalize_parts(super().forward(x), self.teacher_dims, dim=1)
+
+
+def linear_head(channels, nb_class):
+    """Per-point linear layer Conv1d(F -> C): ScaLR's distillation head (768 -> 1024, official.md §4.3) and the
+    original WaffleIron segmentation head (e.g. WI-48-256 KITTI, 256 -> 19)."""
+    return nn.Conv1d(channels, nb_class, 1)
+
+
+def mlp_distill_head(channels, teacher_dims):
+    """Supp. B.2 2-layer MLP head for one or several teachers (see MLPDistillHead)."""
+    return MLPDistillHead(channels, teacher_dims)
+
+
+def scalr_plus_head(channels, nb_class=1024, hidden=2048):
+    """ScaLR+ distillation head (official.md §9): Conv1d(F -> 2048) -> ReLU -> Conv1d(2048 -> 1024), no norm;
+    keys classif.0.*, classif.2.*."""
+    return nn.Sequential(nn.Conv1d(channels, hidden, 1), nn.ReLU(), nn.Conv1d(hidden, nb_class, 1))
+
+
+def seg_head(channels, nb_class):
+    """Downstream segmentation head (official.md §4.4): BatchNorm1d(F) -> Conv1d(F -> K) with weight AND bias
+    initialised to 0 (so training starts from uniform logits); keys classif.0.*, classif.1.*."""
+    conv = nn.Conv1d(channels, nb_class, 1)
+    nn.init.zeros_(conv.weight)
+    nn.init.zeros_(conv.bias)
+    return nn.Sequential(nn.BatchNorm1d(channels), conv)
+
+
+HEAD_KINDS = ("linear", "mlp", "scalr_plus", "seg", None)
+
+
+def make_head(kind, channels, nb_class, teacher_dims=None):
+    """Build a head by name (see WaffleIron): 'linear' | 'mlp' | 'scalr_plus' | 'seg' | None (identity)."""
+    if kind == "linear":
+        return linear_head(channels, nb_class)
+    if kind == "mlp":
+        return mlp_distill_head(channels, teacher_dims or [nb_class])
+    if kind == "scalr_plus":
+        return scalr_plus_head(channels, nb_class)
+    if kind == "seg":
+        return seg_head(channels, nb_class)
+    if kind is None or kind == "none":
+        return nn.Identity()
+    raise ValueError(f"unknown head {kind!r}; choose one of {HEAD_KINDS} or pass an nn.Module")
+
+
+def head_kind(module):
+    """(kind, number of outputs) of a head module, for model.config."""
+    if isinstance(module, MLPDistillHead):
+        return "mlp", sum(module.teacher_dims)
+    if isinstance(module, nn.Conv1d):
+        return "linear", module.out_channels
+    if isinstance(module, nn.Identity):
+        return None, None
+    batch_norm = nn.modules.batchnorm._BatchNorm
+    if isinstance(module, nn.Sequential) and len(module) == 2 and isinstance(module[0], batch_norm):
+        return "seg", module[1].out_channels
+    if isinstance(module, nn.Sequential) and len(module) == 3 and isinstance(module[2], nn.Conv1d):
+        return "scalr_plus", module[2].out_channels
+    return "custom", None
+
+
 
 # ==== [model] Checkpoint I/O ====
+# Released files (official.md §7): {'model_point' | 'model_points': sd, 'optim', ...} for distillation and
+# {'net': sd, ...} for probing/finetuning, usually with DDP's 'module.' prefix. Ours: {'model_point' | 'net': sd,
+# 'config': {...}} with the same tensor names, so the official code reads ours and load_checkpoint reads both.
+import inspect
+import pickle
+from pathlib import Path
+
+STATE_DICT_KEYS = ("model_point", "model_points", "net", "state_dict", "model")
+# constructor arguments the tensors cannot tell; read from our checkpoints' 'config' when present
+NON_INFERABLE_KEYS = ("gelu", "teacher_dims", "grids", "drop_path", "checkpointing")
+
+
+def extract_state_dict(obj, path="<checkpoint>"):
+    """Return the model state dict inside a loaded checkpoint, without 'module.' / '_orig_mod.' prefixes."""
+    if isinstance(obj, nn.Module):
+        sd = obj.state_dict()
+    elif isinstance(obj, dict):
+        found = [k for k in STATE_DICT_KEYS if isinstance(obj.get(k), dict)]
+        if found:
+            sd = obj[found[0]]
+        elif obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            sd = obj  # a raw state dict
+        else:
+            raise ValueError(f"{path}: no model state dict found. Expected one of the keys {list(STATE_DICT_KEYS)} "
+                             f"or a raw state dict; the file has keys {sorted(map(str, obj))[:20]}")
+    else:
+        raise ValueError(f"{path}: expected a dict checkpoint, got {type(obj).__name__}")
+    clean = {}
+    for key, value in sd.items():
+        while key.startswith(("module.", "_orig_mod.")):  # DDP and torch.compile wrappers
+            key = key.split(".", 1)[1]
+        clean[key] = value
+    return clean
+
+
+def infer_config(state_dict):
+    """WaffleIron constructor arguments implied by a state dict's tensors (official names):
+    input_channels, feat_channels, depth, nb_class, layer_norm (BatchNorm has running_mean), head."""
+    sd = state_dict
+    required = ["embed.conv1.weight", "waffleiron.channel_mix.0.mlp.0.weight"]
+    if any(k not in sd for k in required):
+        raise ValueError(f"not a WaffleIron state dict: missing {[k for k in required if k not in sd]}; "
+                         f"it has {len(sd)} tensors, e.g. {list(sd)[:8]}")
+    feat_channels, input_channels = sd["embed.conv1.weight"].shape[:2]   # (F, C_in, 1)
+    depth = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("waffleiron.channel_mix."))
+    layer_norm = "waffleiron.channel_mix.0.norm.running_mean" not in sd
+    if "classif.weight" in sd:                       # Conv1d(F, C): ScaLR pretraining / original WaffleIron
+        head, nb_class = "linear", sd["classif.weight"].shape[0]
+    elif "classif.0.running_mean" in sd:             # BatchNorm1d + Conv1d: official.md §4.4
+        head, nb_class = "seg", sd["classif.1.weight"].shape[0]
+    elif "classif.3.weight" in sd:                   # Conv1d, LayerNorm, ReLU, Conv1d: Supp. B.2
+        head, nb_class = "mlp", sd["classif.3.weight"].shape[0]
+    elif "classif.2.weight" in sd:                   # Conv1d, ReLU, Conv1d: ScaLR+
+        head, nb_class = "scalr_plus", sd["classif.2.weight"].shape[0]
+    elif any(k.startswith("classif.") for k in sd):
+        raise ValueError(f"unrecognised head tensors {[k for k in sd if k.startswith('classif.')]}")
+    else:
+        head, nb_class = None, feat_channels
+    return dict(input_channels=int(input_channels), feat_channels=int(feat_channels), depth=int(depth),
+                nb_class=int(nb_class), layer_norm=bool(layer_norm), head=head)
+
+
+def state_dict_mismatch(model, state_dict, limit=12):
+    """Human-readable list of missing / unexpected keys and shape mismatches ('' when it loads strictly)."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    shapes = [f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+              for k, v in expected.items() if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
+    lines = [f"{len(items)} {what}: {items[:limit]}{' ...' if len(items) > limit else ''}"
+             for what, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                                 ("shape mismatches", shapes)) if items]
+    return "; ".join(lines)
+
+
+def _saved_model_config(obj):
+    """The non-inferable constructor arguments stored in one of our checkpoints ({'config': {...}})."""
+    config = obj.get("config") if isinstance(obj, dict) else None
+    if not isinstance(config, dict):
+        return {}
+    nested = config.get("model") if isinstance(config.get("model"), dict) else {}
+    out = {k: v for source in (config, nested) for k, v in source.items() if k in NON_INFERABLE_KEYS}
+    grids = out.get("grids")
+    if grids is not None and not (len(grids) == 3 and all(len(g) == 2 for g in grids)):
+        out.pop("grids")  # not a model grid spec (e.g. another stage's own config)
+    return out
+
+
+def load_checkpoint(path, grids=None, map_location="cpu", weights_only=True, **flags):
+    """Read a released ScaLR / WaffleIron checkpoint or one of ours into WaffleIron, strictly, in eval mode.
+
+    Width, depth, input channels, number of outputs, norm type and head come from the tensors; grids
+    (default ScaLR's (256,256),(256,32),(256,32)), gelu (ScaLR+), teacher_dims, drop_path from the arguments,
+    else our checkpoint's 'config', else defaults. Flags override everything (a flag that contradicts the
+    tensors gives a shape-mismatch error)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=weights_only)
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"{path}: torch.load(weights_only=True) refused this file ({str(err).splitlines()[0]}). "
+                         "If you trust it, call load_checkpoint(..., weights_only=False)") from err
+    state_dict = extract_state_dict(obj, path)
+    try:
+        config = infer_config(state_dict)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from err
+    config.update(_saved_model_config(obj))
+    config.update(flags)
+    if grids is not None:
+        config["grids"] = grids
+    known = set(inspect.signature(WaffleIron).parameters)
+    if set(config) - known:
+        raise ValueError(f"load_checkpoint: unknown flags {sorted(set(config) - known)}; known: {sorted(known)}")
+    model = WaffleIron(**config)
+    problems = state_dict_mismatch(model, state_dict)
+    if problems:
+        raise ValueError(f"{path} does not match WaffleIron({', '.join(f'{k}={v}' for k, v in config.items())}): "
+                         f"{problems}. Is it a ScaLR/WaffleIron checkpoint, and do the flags agree with it?")
+    model.load_state_dict(state_dict, strict=True)
+    return model.eval()
+
+
 
 # ==== [train] Schedules, layer decay, atomic save/resume, DDP, losses, evaluation, logging ====
+# Everything the three training stages share: distill.py (Supp. B.2), probe.py (Supp. B.3), finetune.py (Supp. B.4).
+# "official §x" = ../shared/spec/official.md (facts about the released ScaLR code). Only torch/numpy/stdlib are
+# imported here; tqdm, matplotlib and data.py are imported inside the functions that need them.
+#
+# The training loop of every stage has the same skeleton (nanoGPT style):
+#     rank, world, device = ddp_setup()
+#     model = wrap_ddp(model.to(device), device)
+#     opt = torch.optim.AdamW(layer_decay_param_groups(model, lr, decay, wd))   # or model.parameters()
+#     sched = make_scheduler(opt, warmup_iters, total_iters, min_lr)              # stepped every iteration
+#     scaler = make_grad_scaler(amp, device)
+#     for it, batch in ...:
+#         with autocast_context(device, amp): loss = seg_loss(unpad_points(model(...), n), labels)
+#         check_finite(loss, it); opt.zero_grad(); scaler.scale(loss).backward(); scaler.step(opt)
+#         scaler.update(); sched.step()
+#     state = training_state(model, opt, sched, scaler, epoch, it, model_key='net')     # on EVERY rank
+#     if is_main(): save_checkpoint(out / 'ckpt_last.pth', **state)
+# (these imports belong to the [train] section; the integrator may hoist them to the top of the file)
+import contextlib
+import csv
+import datetime
+import math
+import os
+import pickle
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import torch.distributed as dist
+import torch.nn.functional as F
+
+IGNORE_INDEX = 255  # = data.IGNORE: label of unannotated points, skipped by the loss and the metric (official §5)
+
+
+def seed_everything(seed):
+    """Seed python `random`, numpy's global RNG and torch (CPU and every CUDA device).
+
+    The official code seeds nothing unless `--seed` is given (official §6.1); our stages always seed so that runs and
+    tests are reproducible. Under DDP pass `seed + rank` if ranks must draw different augmentations (the model init
+    does not matter: DDP broadcasts rank 0's weights when it wraps the model)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds all CUDA devices
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Learning-rate schedules (Supp. B.2, B.3, B.4; official §6.1 and §9), stepped once per ITERATION
+# ---------------------------------------------------------------------------------------------------------------
+def warmup_cosine(it, warmup, total, min_ratio=0.0):
+    """LR factor at iteration `it` (0-based): linear warmup from 0, then cosine decay to `min_ratio` (official §6.1).
+
+    Supp. B.2: "linearly increasing from 0 to 0.002, then decreasing to 1e-5 following a cosine schedule";
+    B.3: 0 -> 1e-3 over 2 epochs then cosine to 1e-5; B.4: 0 -> 2e-3 over the first tenth of the epochs, cosine to 0.
+    After `total` the factor stays at `min_ratio` (the official code never runs past T, where cos would rise again)."""
+    # official §6.1:  it < W:  f = it / W
+    if it < warmup:
+        return it / warmup
+    progress = min(1.0, (it - warmup) / max(1, total - warmup))
+    # official §6.1:  f = m + 0.5 (1 - m) (1 + cos(pi (it - W) / (T - W))),  m = min_lr / lr
+    return min_ratio + 0.5 * (1.0 - min_ratio) * (1.0 + math.cos(math.pi * progress))
+
+
+def rsqrt_schedule(it, warmup, cooldown_start, timescale, total):
+    """ScaLR+ pretraining factor (official §9): warmup W, reciprocal square root with timescale tau, linear cooldown
+    from C to T (all in iterations; ScaLR+ uses W = 1 epoch, C = 63 epochs, tau = 0.45 epoch, T = 65 epochs)."""
+    # official §9:  it <= W:  f = it / W
+    if it <= warmup:
+        return it / warmup if warmup > 0 else 1.0
+    # official §9:  W < it <= C:  f = 1 / sqrt(1 + (it - W) / tau)
+    if it <= cooldown_start:
+        return 1.0 / math.sqrt(1.0 + (it - warmup) / timescale)
+    # official §9:  C < it < T:  f = [1 / sqrt(1 + C / tau)] (T - it - 1) / (T - C - 1)
+    # (official quirk kept on purpose: C / tau, not (C - W) / tau, so f drops a little at C)
+    if it < total:
+        start = 1.0 / math.sqrt(1.0 + cooldown_start / timescale)
+        return start * (total - it - 1) / max(1, total - cooldown_start - 1)
+    return 0.0  # official §9: it >= T
+
+
+class WarmupCosine:
+    """Picklable LR factor for LambdaLR: an object (not a lambda) so LambdaLR.state_dict() stores its parameters."""
+
+    def __init__(self, warmup, total, min_ratio=0.0):
+        self.warmup, self.total, self.min_ratio = int(warmup), int(total), float(min_ratio)
+
+    def __call__(self, it):
+        return warmup_cosine(it, self.warmup, self.total, self.min_ratio)
+
+
+class WarmupRsqrt:
+    """Picklable ScaLR+ factor (official §9) for LambdaLR."""
+
+    def __init__(self, warmup, cooldown_start, timescale, total):
+        self.warmup, self.cooldown_start = int(warmup), int(cooldown_start)
+        self.timescale, self.total = float(timescale), int(total)
+
+    def __call__(self, it):
+        return rsqrt_schedule(it, self.warmup, self.cooldown_start, self.timescale, self.total)
+
+
+def make_scheduler(optimizer, warmup_iters, total_iters, min_lr=0.0, base_lr=None, schedule='cosine',
+                   cooldown_start=None, timescale=None, min_lr_per_group=False):
+    """LambdaLR stepped once per iteration (official §6.1, pitfall 17); the first step is taken with lr = 0.
+
+    Call `scheduler.step()` right after each `optimizer.step()`. The factor multiplies each group's own initial lr.
+    cosine (ScaLR): m = min_lr / base_lr with ONE global base_lr, as the official code (m = min_lr / lr, lr = the
+      config lr).
+      Under layer decay (Supp. B.4) group g starts at scale_g * lr and therefore ends at scale_g * min_lr; only the
+      head (scale 1) ends exactly at min_lr. base_lr defaults to the largest group lr, i.e. the config lr (the head
+      has scale 1). `min_lr_per_group=True` uses m_g = min_lr / lr_g instead (every group ends at min_lr). FT uses
+      min_lr = 0 (official §6.4), where both choices are identical.
+    rsqrt (ScaLR+, official §9): needs `cooldown_start` and `timescale` in iterations; min_lr/base_lr unused."""
+    if total_iters < 1 or warmup_iters < 0:
+        raise ValueError(f"make_scheduler: need total_iters >= 1 and warmup_iters >= 0, "
+                         f"got {total_iters}, {warmup_iters}")
+    group_lrs = [g.get('initial_lr', g['lr']) for g in optimizer.param_groups]  # (fresh optimizer: its lr)
+    if schedule == 'cosine':
+        if min_lr_per_group:
+            factor = [WarmupCosine(warmup_iters, total_iters, min_lr / lr if lr > 0 else 0.0) for lr in group_lrs]
+        else:
+            base = max(group_lrs) if base_lr is None else base_lr
+            factor = WarmupCosine(warmup_iters, total_iters, min_lr / base if base > 0 else 0.0)
+    elif schedule == 'rsqrt':
+        if cooldown_start is None or timescale is None:
+            raise ValueError("make_scheduler(schedule='rsqrt') needs cooldown_start and timescale in iterations "
+                             "(official §9: C = 63 epochs, tau = 0.45 epoch for 65 epochs)")
+        factor = WarmupRsqrt(warmup_iters, cooldown_start, timescale, total_iters)
+    else:
+        raise ValueError(f"unknown schedule {schedule!r}: use 'cosine' (ScaLR) or 'rsqrt' (ScaLR+)")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Layer-wise learning-rate decay (Supp. B.4; official §6.4, pitfall 13)
+# ---------------------------------------------------------------------------------------------------------------
+_WRAPPER_PREFIXES = ('module.', '_orig_mod.')  # DDP and torch.compile prefixes (official §7: strip 'module.')
+_BLOCK_NAME = re.compile(r'^waffleiron\.(?:channel_mix|spatial_mix)\.(\d+)\.')
+
+
+def _strip_wrappers(name):
+    """'module._orig_mod.embed.norm.weight' -> 'embed.norm.weight' (official tensor names)."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if name.startswith(prefix):
+                name, changed = name[len(prefix):], True
+    return name
+
+
+def layer_id(name, depth):
+    """Layer id of a parameter for layer decay (official §6.4): `embed.*` -> 0, `waffleiron.{spatial,channel}_mix.i.*`
+    -> i + 1 (a SpatialMix and its ChannelMix share the id), everything else (the head `classif.*`) -> depth + 1."""
+    name = _strip_wrappers(name)
+    if name.startswith('embed.'):
+        return 0
+    match = _BLOCK_NAME.match(name)
+    if match:
+        return int(match.group(1)) + 1
+    return depth + 1
+
+
+def _infer_depth(names):
+    """Number of WaffleIron blocks L from parameter names (largest block index + 1; 0 if there is none)."""
+    ids = [int(m.group(1)) for m in (_BLOCK_NAME.match(_strip_wrappers(n)) for n in names) if m]
+    return max(ids) + 1 if ids else 0
+
+
+def layer_decay_param_groups(model, lr, decay, weight_decay=0.0, depth=None):
+    """AdamW parameter groups with BEiT-style layer-wise lr decay, exactly as the official code (official §6.4).
+
+    scale(id) = decay^(L + 1 - id): the head gets 1, the last block decay^1, block 0 decay^L, the embedding decay^(L+1)
+    (L = 48: 49 "layers" + head). Supp. B.4 only says "layer-wise learning rate decay" (0.95 for 1 % / 10 %, 0.99 for
+    100 %); the phrase "decay^(L - layer) with the embedding counted as layer 0" (issue 5) is the same rule when L
+    counts the L + 1 = 49 layers below the head. Parameters with ndim == 1 (biases, norm weights) go to no-decay
+    groups (wd 0); LayerScale weights are (F, 1, 1) and keep weight decay (official §6.4). Frozen params are skipped.
+    Each group carries 'lr', 'lr_scale', 'layer_id', 'weight_decay' and 'param_names'."""
+    net = unwrap(model)
+    if depth is None:  # L = number of blocks, from the module list if there is one, else from the parameter names
+        blocks = getattr(getattr(net, 'waffleiron', None), 'channel_mix', None)
+        depth = len(blocks) if blocks is not None else _infer_depth([n for n, _ in net.named_parameters()])
+    named = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+    groups = {}
+    for name, param in named:
+        lid = layer_id(name, depth)
+        no_decay = param.ndim == 1  # official §6.4: "no_decay" group for 1-D tensors
+        if (lid, no_decay) not in groups:
+            # Supp. B.4 / official §6.4: lr scale = decay^(L + 1 - id)
+            scale = decay ** (depth + 1 - lid)
+            groups[(lid, no_decay)] = {'params': [], 'param_names': [], 'lr': lr * scale, 'lr_scale': scale,
+                                       'layer_id': lid, 'weight_decay': 0.0 if no_decay else weight_decay}
+        groups[(lid, no_decay)]['params'].append(param)
+        groups[(lid, no_decay)]['param_names'].append(_strip_wrappers(name))
+    return [groups[key] for key in sorted(groups)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Atomic checkpoints and bit-exact resume (issue 5; official §7 key names: model_point / net, optim, scheduler, scaler)
+# ---------------------------------------------------------------------------------------------------------------
+def official_state_dict(model):
+    """The model's state dict with official tensor names: no DDP 'module.' nor torch.compile '_orig_mod.' prefix
+    (official §7), so the official code and load_checkpoint() read it."""
+    state = unwrap(model).state_dict()
+    if not any(k != _strip_wrappers(k) for k in state):
+        return state
+    return type(state)((_strip_wrappers(k), v) for k, v in state.items())
+
+
+def _fsync_dir(folder):
+    """Make the rename itself durable (POSIX); harmless no-op where directories cannot be opened."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def save_checkpoint(path, **state):
+    """torch.save(state, path) atomically: write a temp file in the same folder, flush + fsync, then os.replace.
+
+    A crash or an exception mid-write (NaN check, Ctrl-C, full disk) leaves the previous `path` intact and removes
+    the temp file, so `--resume` never meets a truncated checkpoint. Call it on rank 0 only (`if is_main()`)."""
+    path = Path(path)
+    if 'config' in state:  # Path objects, numpy scalars... -> plain types (loadable with weights_only=True)
+        state['config'] = _plain(state['config'])
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise PermissionError(f"cannot create the output folder {path.parent} ({err}); pass a writable --out") from err
+    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')  # same folder => os.replace is an atomic rename
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except PermissionError as err:
+        raise PermissionError(f"cannot write checkpoint {path} ({err}): the output folder is not writable; "
+                              f"pass another --out") from err
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()  # only exists if something failed before the rename
+    _fsync_dir(path.parent)
+    return path
+
+
+def rng_state():
+    """RNG states of python `random`, numpy's global RNG, torch CPU and every initialised CUDA device.
+
+    Stored with plain types and tensors only, so the checkpoint loads with torch.load(weights_only=True)."""
+    np_state = np.random.get_state()  # ('MT19937', uint32 (624,), pos, has_gauss, cached_gaussian)
+    state = {'python': random.getstate(),
+             'numpy': {'keys': torch.from_numpy(np_state[1].astype(np.int64)), 'pos': int(np_state[2]),
+                       'has_gauss': int(np_state[3]), 'cached_gaussian': float(np_state[4])},
+             'torch': torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    """Inverse of rng_state()."""
+    random.setstate(_as_tuple(state['python']))
+    np_state = state['numpy']
+    np.random.set_state(('MT19937', np_state['keys'].numpy().astype(np.uint32), np_state['pos'],
+                         np_state['has_gauss'], np_state['cached_gaussian']))
+    torch.set_rng_state(state['torch'].cpu())
+    if 'cuda' in state and torch.cuda.is_available() and len(state['cuda']) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state['cuda']])
+
+
+def _as_tuple(obj):
+    """random.setstate needs tuples back (a checkpoint round trip may have turned them into lists)."""
+    return tuple(_as_tuple(x) for x in obj) if isinstance(obj, (list, tuple)) else obj
+
+
+def _plain(obj):
+    """Config/extra values made loadable with weights_only=True: Path -> str, numpy -> python/torch, set -> list,
+    argparse.Namespace -> dict."""
+    if hasattr(obj, '__dict__') and type(obj).__name__ == 'Namespace':
+        obj = vars(obj)
+    if isinstance(obj, dict):
+        return {str(k) if isinstance(k, Path) else k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_plain(v) for v in obj)
+    if isinstance(obj, (set, frozenset)):
+        return [_plain(v) for v in sorted(obj, key=str)]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.copy())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def training_state(model, optimizer=None, scheduler=None, scaler=None, epoch=0, iteration=0, extra=None,
+                   model_key='model_point', config=None):
+    """Everything a bit-exact `--resume` needs, with the official key names (official §7):
+    {model_key: weights with official names, 'optim', 'scheduler', 'scaler', 'epoch', 'iteration', 'rng', 'config'}.
+
+    model_key: 'model_point' (distill.py, read by the official LP/FT code) or 'net' (probe.py / finetune.py).
+    Under DDP call it on EVERY rank (it gathers each rank's RNG state), then `if is_main(): save_checkpoint(...)`.
+    Save right away: the optimizer state refers to live tensors."""
+    state = {model_key: official_state_dict(model), 'epoch': int(epoch), 'iteration': int(iteration),
+             'rng': rng_state(), 'config': _plain(config if config is not None else {})}
+    if _world_size() > 1:
+        per_rank = [None] * _world_size()
+        dist.all_gather_object(per_rank, state['rng'])
+        state['rng_per_rank'] = per_rank
+    for key, obj in (('optim', optimizer), ('scheduler', scheduler), ('scaler', scaler)):
+        if obj is not None:
+            state[key] = obj.state_dict()
+    for key, value in (extra or {}).items():
+        if key in state:
+            raise ValueError(f"training_state: extra key {key!r} would overwrite a standard checkpoint entry")
+        state[key] = _plain(value)
+    return state
+
+
+def load_training_checkpoint(path, map_location='cpu'):
+    """torch.load of one of our checkpoints (weights_only=True: no code runs), with a clear error if it is missing."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}: run once without --resume, or point --out/--ckpt to the "
+                                f"folder of a previous run")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"{path} holds objects other than tensors and plain python values, so it was not written by "
+                         f"training_state/save_checkpoint (or its config holds a custom object). Inspect it with "
+                         f"torch.load(weights_only=False) only if you trust it. Details: {str(err)[:300]}") from err
+
+
+def _load_weights_strict(model, weights, where):
+    """load_state_dict(strict=True) with a readable error (missing / unexpected keys, shape mismatches)."""
+    weights = {_strip_wrappers(k): v for k, v in weights.items()}
+    own = model.state_dict()
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    shapes = [f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(v.shape)}"
+              for k, v in own.items() if k in weights and weights[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"checkpoint {where} does not match the model (another --width/--depth/head?): "
+                         f"{len(missing)} missing {missing[:5]}, {len(unexpected)} unexpected {unexpected[:5]}, "
+                         f"{len(shapes)} shape mismatches {shapes[:5]}")
+    model.load_state_dict(weights, strict=True)
+
+
+def restore_training_state(ckpt, model, optimizer=None, scheduler=None, scaler=None, model_key=None,
+                           restore_rng=True):
+    """Load a training_state() checkpoint (dict or path) into freshly built objects; returns (epoch, iteration).
+
+    Build model/optimizer/scheduler/scaler exactly as for a fresh run, then call this: the next iteration is then
+    bit-identical to the one the interrupted run would have done (same weights, Adam moments, lr factor, loss scale,
+    and python/numpy/torch RNG streams; under DDP each rank gets its own RNG back when the world size matches)."""
+    where = str(ckpt) if isinstance(ckpt, (str, Path)) else 'in memory'
+    if isinstance(ckpt, (str, Path)):
+        ckpt = load_training_checkpoint(ckpt)
+    key = model_key or ('model_point' if 'model_point' in ckpt else 'net')
+    if key not in ckpt:
+        raise KeyError(f"checkpoint {where} has no weights under {key!r} (keys: {sorted(ckpt)})")
+    _load_weights_strict(unwrap(model), ckpt[key], where)
+    for name, obj in (('optim', optimizer), ('scheduler', scheduler), ('scaler', scaler)):
+        if obj is not None:
+            if name not in ckpt:
+                raise KeyError(f"checkpoint {where} has no {name!r} state: it is not a training checkpoint "
+                               f"(use it as --ckpt to initialise, not --resume)")
+            obj.load_state_dict(ckpt[name])
+    if restore_rng and 'rng' in ckpt:
+        per_rank = ckpt.get('rng_per_rank')
+        use_own = per_rank is not None and len(per_rank) == _world_size()
+        set_rng_state(per_rank[_rank()] if use_own else ckpt['rng'])
+    return ckpt.get('epoch', 0), ckpt.get('iteration', 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Distributed data parallel (official §6.1: the batch size is global and divided by the number of GPUs)
+# ---------------------------------------------------------------------------------------------------------------
+def _world_size():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _rank():
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_main():
+    """True on rank 0 (and in a single-process run): the only process that prints, logs and saves."""
+    return _rank() == 0
+
+
+def print0(*args, **kwargs):
+    """print() on rank 0 only, flushed (tqdm and torchrun interleave output otherwise)."""
+    if is_main():
+        print(*args, **kwargs, flush=True)
+
+
+def ddp_setup(backend=None, device=None, timeout_s=1800):
+    """Start DDP when launched by `torchrun --nproc_per_node N` (env RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT);
+    otherwise a single process. Returns (rank, world_size, device).
+
+    device: None = cuda:LOCAL_RANK if CUDA is available, else cpu; 'cpu' forces CPU. backend: None = nccl on CUDA,
+    gloo on CPU."""
+    want_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == 'cuda'
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    if not dist.is_available() or (world <= 1 and not dist.is_initialized()):
+        return 0, 1, torch.device('cuda' if want_cuda else 'cpu')
+    local_rank = int(os.environ.get('LOCAL_RANK', os.environ.get('RANK', '0')))
+    dev = torch.device('cuda', local_rank) if want_cuda else torch.device('cpu')
+    if want_cuda:
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        for var in ('RANK', 'MASTER_ADDR', 'MASTER_PORT'):
+            if var not in os.environ:
+                raise RuntimeError(f"WORLD_SIZE={world} but {var} is not set: launch with torchrun --nproc_per_node N")
+        dist.init_process_group(backend=backend or ('nccl' if want_cuda else 'gloo'), init_method='env://',
+                                rank=int(os.environ['RANK']), world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    return dist.get_rank(), dist.get_world_size(), dev
+
+
+def ddp_cleanup():
+    """Tear the process group down (no-op in a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier():
+    """Wait for every rank (no-op in a single process)."""
+    if _world_size() > 1:
+        dist.barrier()
+
+
+def unwrap(model):
+    """The plain nn.Module under DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel) or (
+                isinstance(model, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, '_orig_mod') and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def wrap_ddp(model, device, find_unused_parameters=False):
+    """DistributedDataParallel around `model` when world_size > 1 (unchanged otherwise).
+
+    On CUDA, BatchNorm becomes SyncBatchNorm first (official §4.4: "DDP training converts BatchNorm to SyncBatchNorm");
+    on CPU/gloo BatchNorm stays local (SyncBatchNorm needs CUDA). Parameters are kept, so an optimizer built before
+    or after wrapping sees the same tensors. Parameters without requires_grad (linear probing) are ignored by DDP."""
+    if _world_size() <= 1:
+        return model
+    device = torch.device(device)
+    if device.type == 'cuda':
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return nn.parallel.DistributedDataParallel(model, device_ids=[device.index], output_device=device.index,
+                                                   find_unused_parameters=find_unused_parameters)
+    return nn.parallel.DistributedDataParallel(model, find_unused_parameters=find_unused_parameters)
+
+
+def all_reduce_sum(value):
+    """Sum a tensor or numpy array (e.g. a (K, K) confusion matrix, official §5.3) over ranks; returns the same type.
+    In a single process the input is returned unchanged."""
+    if _world_size() <= 1:
+        return value
+    is_numpy = isinstance(value, np.ndarray)
+    tensor = torch.from_numpy(np.ascontiguousarray(value)) if is_numpy else value
+    nccl = dist.get_backend() == 'nccl'  # nccl reduces CUDA tensors only
+    comm_device = torch.device('cuda', torch.cuda.current_device()) if nccl else torch.device('cpu')
+    buf = tensor.to(comm_device).clone()
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    return buf.cpu().numpy() if is_numpy else buf.to(tensor.device)
+
+
+def all_reduce_mean(value):
+    """Mean of a float tensor over ranks (for logging the loss of the global batch)."""
+    return all_reduce_sum(value) / _world_size() if _world_size() > 1 else value
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Indices for one rank: a fresh permutation per epoch seeded by seed + epoch (DistributedSampler's rule),
+    rank r taking every world_size-th index. Unlike DistributedSampler it never pads with duplicates (the val
+    confusion matrix counts every scan exactly once) and it can skip the samples already seen when a run resumes
+    mid-epoch (`set_epoch(epoch, skip)`). drop_last (train) trims the order so every rank has the same count."""
+
+    def __init__(self, num_samples, shuffle, seed=0, rank=0, world_size=1, drop_last=False):
+        self.num_samples, self.shuffle, self.seed = int(num_samples), bool(shuffle), int(seed)
+        self.rank, self.world_size, self.drop_last = int(rank), int(world_size), bool(drop_last)
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch, skip=0):
+        self.epoch, self.skip = int(epoch), int(skip)
+
+    def _indices(self, skip=True):
+        if self.shuffle:
+            gen = torch.Generator()
+            gen.manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.num_samples, generator=gen).tolist()
+        else:
+            order = list(range(self.num_samples))
+        if self.drop_last:
+            order = order[:self.num_samples - self.num_samples % self.world_size]
+        return order[self.rank::self.world_size][self.skip if skip else 0:]
+
+    def __iter__(self):
+        return iter(self._indices())
+
+    def __len__(self):
+        # the FULL epoch of this rank, also while resuming mid-epoch (so len(loader) = batches per epoch stays valid
+        # for the schedule); iteration itself yields only the `remaining()` samples
+        return len(self._indices(skip=False))
+
+    def remaining(self):
+        return len(self._indices())
+
+
+def make_loader(dataset, batch_size_global, train, collate_fn=None, seed=0, workers=0, pin_memory=None):
+    """DataLoader with the official batching (official §6.1): global batch divided by the number of processes,
+    shuffled + drop_last for training, same batch size for val, one shard per rank (EpochSampler).
+
+    Call set_epoch(loader, epoch) at the start of every epoch. Loader randomness never touches the global RNGs:
+    the order comes from (seed, epoch) and the worker seeds from the loader's own generator, reseeded per epoch."""
+    world, rank = _world_size(), _rank()
+    if batch_size_global < world or batch_size_global % world:
+        raise ValueError(f"global batch size {batch_size_global} must be a multiple of the number of processes "
+                         f"{world} (official §6.1: the batch is divided across GPUs)")
+    sampler = EpochSampler(len(dataset), shuffle=train, seed=seed, rank=rank, world_size=world, drop_last=train)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size_global // world, sampler=sampler, drop_last=train, collate_fn=collate_fn,
+        num_workers=workers, generator=torch.Generator(),
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory)
+    loader.loader_seed = int(seed)
+    if train and len(loader) == 0:
+        raise ValueError(f"the training set has {len(dataset)} scans, fewer than one global batch of "
+                         f"{batch_size_global} (drop_last=True): lower --batch-size or use more data")
+    set_epoch(loader, 0)
+    return loader
+
+
+def set_epoch(loader, epoch, batches_done=0):
+    """Start epoch `epoch` of a make_loader() loader, skipping its first `batches_done` batches (mid-epoch resume).
+
+    Bit-exact mid-epoch resume holds with workers=0 (augmentation RNG = the global RNGs saved by training_state);
+    with workers > 0 the worker RNGs restart at the epoch's seed, so resume at epoch boundaries for exactness."""
+    loader.sampler.set_epoch(epoch, skip=batches_done * loader.batch_size)
+    # worker seeds (DataLoader: base_seed drawn from loader.generator) depend only on (seed, epoch, rank)
+    loader.generator.manual_seed(getattr(loader, 'loader_seed', 0) * 1_000_003 + epoch * 10_007 + _rank())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Mixed precision (official §6.1: --fp16 = autocast fp16 + GradScaler; ScaLR+ §9: bf16 autocast)
+# ---------------------------------------------------------------------------------------------------------------
+_AMP_DTYPES = {'fp16': torch.float16, 'bf16': torch.bfloat16}
+
+
+def autocast_context(device, amp='none'):
+    """`with autocast_context(device, amp):` around the forward and the loss; amp in {'none', 'fp16', 'bf16'}."""
+    if amp not in ('none', 'fp16', 'bf16'):
+        raise ValueError(f"--amp must be one of none, fp16, bf16 (got {amp!r})")
+    if amp == 'none':
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=_AMP_DTYPES[amp])
+
+
+def make_grad_scaler(amp, device=None):
+    """GradScaler, enabled only for fp16 (fp16's narrow exponent range underflows small gradients; bf16 has fp32's
+    range and needs no scaling). A disabled scaler's scale/step/update are plain backward/step, so the loop is the
+    same for every --amp."""
+    device_type = torch.device(device).type if device is not None else ('cuda' if torch.cuda.is_available() else 'cpu')
+    return torch.amp.GradScaler(device_type, enabled=(amp == 'fp16'))
+
+
+def check_finite(loss, iteration, what='loss'):
+    """Raise FloatingPointError naming the iteration if `loss` is NaN/inf (issue 6: stop, save nothing corrupt);
+    returns the loss as a python float for logging."""
+    value = loss.detach().float() if torch.is_tensor(loss) else torch.tensor(float(loss))
+    if not bool(torch.isfinite(value).all()):
+        shown = value.item() if value.numel() == 1 else value.flatten()[:5].tolist()
+        raise FloatingPointError(
+            f"{what} is {shown} at iteration {iteration}: training diverged. This step was not applied and nothing "
+            f"was saved for it (the last checkpoint on disk is intact). Lower --lr, try --amp bf16 or none, or check "
+            f"the input data; then --resume from the last checkpoint.")
+    return value.item() if value.numel() == 1 else value
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Downstream loss (official §5.2): cross-entropy + Lovász-softmax, for linear probing AND finetuning
+# ---------------------------------------------------------------------------------------------------------------
+def unpad_points(x, num_points):
+    """(B, C, Nmax) padded network output -> (sum_b n_b, C) rows of the real points, scan after scan: the order of
+    data.collate's concatenated 'labels' (official §3.7: labels concatenated with no padding)."""
+    B, C, N = x.shape
+    real = torch.arange(N, device=x.device)[None, :] < num_points.to(x.device)[:, None]  # (B, N) bool
+    return x.transpose(1, 2)[real]  # (sum n_b, C)
+
+
+def lovasz_softmax(probs, labels, classes='present'):
+    """Lovász-softmax loss (Berman, Rannen Triki & Blaschko, CVPR 2018), written from the paper's definition.
+
+    probs (M, K) class probabilities of valid points; labels (M,) in 0..K-1.
+    For class c: errors m_i = |1[y_i = c] - p_i(c)|. The Jaccard loss of a set S of mispredicted points,
+        Delta_J(S) = |S| / |{y = c} u S| = 1 - |{y = c} \\ S| / |{y = c} u S|,
+    is submodular; its Lovász extension at m (Berman et al., Eq. 8-9) is
+        loss_c(m) = sum_i m_(i) g_i,  g_i = Delta_J({pi_1..pi_i}) - Delta_J({pi_1..pi_(i-1)}),
+    with pi sorting m in decreasing order. At one-hot probabilities this equals 1 - IoU_c.
+    classes: 'present' = mean over classes present in `labels` (official §5.2), 'all', or a list of class ids."""
+    probs = probs.float()
+    M, K = probs.shape
+    if M == 0:
+        return probs.sum()  # 0.0, no valid point
+    fg = F.one_hot(labels, K).to(probs.dtype)  # (M, K) 1[y_i = c]
+    errors = (fg - probs).abs()  # (M, K) m_i(c)
+    errors_sorted, perm = torch.sort(errors, dim=0, descending=True)  # (M, K), each class sorted independently
+    fg_sorted = fg.gather(0, perm)  # (M, K)
+    gts = fg.sum(0)  # (K,) |{y = c}|
+    # with S_i = the i largest errors: |{y=c} \ S_i| = gts - cumsum(fg), |{y=c} u S_i| = gts + cumsum(1 - fg)
+    intersection = gts - fg_sorted.cumsum(0)  # (M, K)
+    union = gts + (1.0 - fg_sorted).cumsum(0)  # (M, K), always >= 1
+    jaccard = 1.0 - intersection / union  # (M, K) Delta_J(S_i)
+    grad = torch.cat([jaccard[:1], jaccard[1:] - jaccard[:-1]], dim=0)  # (M, K) g_i, Delta_J(empty) = 0
+    per_class = (errors_sorted * grad).sum(0)  # (K,) Lovász extension per class
+    if classes == 'present':
+        return per_class[gts > 0].mean()
+    if classes == 'all':
+        return per_class.mean()
+    return per_class[torch.as_tensor(list(classes), device=per_class.device, dtype=torch.long)].mean()
+
+
+def seg_loss(logits, labels, lovasz_weight=1.0, ignore_index=IGNORE_INDEX, return_parts=False):
+    """Downstream loss of LP and FT (official §5.2): CE(ignore 255, mean over valid points)
+    + 1.0 * Lovász-softmax(softmax(logits) of the valid points, classes='present'). No class weights, no smoothing.
+
+    logits (M, K) of all points of the batch concatenated (unpad_points), labels (M,) with 255 = ignore.
+    No valid point: a finite 0 with zero gradient (ScaLR main skips Lovász without valid labels, official §9).
+    return_parts=True also returns {'ce': float, 'lovasz': float} for the log."""
+    if logits.ndim != 2 or labels.shape != logits.shape[:1]:
+        raise ValueError(f"seg_loss expects logits (M, K) and labels (M,), got {tuple(logits.shape)} and "
+                         f"{tuple(labels.shape)} (use unpad_points on the (B, K, N) output)")
+    logits = logits.float()  # losses in fp32, also under autocast
+    valid = labels != ignore_index  # (M,)
+    logits_v, labels_v = logits[valid], labels[valid]  # (M', K), (M',)
+    if labels_v.numel() == 0:
+        zero = logits_v.sum()  # empty sum: exactly 0, still attached to the graph
+        return (zero, {'ce': 0.0, 'lovasz': 0.0}) if return_parts else zero
+    K = logits.shape[1]
+    lo, hi = int(labels_v.min()), int(labels_v.max())
+    if lo < 0 or hi >= K:
+        raise ValueError(f"labels must be in 0..{K - 1} or {ignore_index}, found {lo}..{hi}: "
+                         f"class map / head size mismatch")
+    ce = F.cross_entropy(logits_v, labels_v)  # == CE(ignore_index=255) over all points (mean over valid ones)
+    lovasz = lovasz_softmax(F.softmax(logits_v, dim=1), labels_v, classes='present')
+    # official §5.2: loss = CE + 1.0 * Lovász
+    loss = ce + lovasz_weight * lovasz
+    return (loss, {'ce': ce.item(), 'lovasz': lovasz.item()}) if return_parts else loss
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation on all original points (official §3.8, §5.3, §8)
+# ---------------------------------------------------------------------------------------------------------------
+def _as_numpy(x):
+    return x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
+
+
+def evaluate(model, loader, num_classes, device, amp='none', progress=True):
+    """(K, K) int64 confusion matrix (rows GT, cols prediction) over ALL original points of the loader's scans,
+    summed over DDP ranks (official §5.3). Batches come from data.collate: feat, cells, neighbors, occupied,
+    num_points, upsample (list of (N_b,) indices into the kept points), orig_labels (list of (N_b,) labels).
+
+    Runs the unwrapped module in eval mode without grad (no DDP collectives per batch: ranks may hold different
+    numbers of val scans); each module's train/eval flag is restored afterwards (probe.py keeps the backbone in
+    eval and the head in train)."""
+    import data  # lazy: waffleiron.py must not import data.py at module level
+    from tqdm import tqdm
+    net = unwrap(model)
+    modes = [(m, m.training) for m in net.modules()]
+    net.eval()
+    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
+    try:
+        with torch.no_grad():
+            for batch in tqdm(loader, desc='eval', leave=False, disable=not (progress and is_main())):
+                if 'orig_labels' not in batch:
+                    raise KeyError("evaluate needs batches with 'orig_labels' (a labelled split; see data.collate)")
+                inputs = [batch[k].to(device, non_blocking=True) for k in ('feat', 'cells', 'neighbors', 'occupied')]
+                with autocast_context(device, amp):
+                    out = net(*inputs)  # (B, K, Nmax)
+                if out.shape[1] != num_classes:
+                    raise ValueError(f"model outputs {out.shape[1]} classes, evaluate was asked for {num_classes}")
+                for b, (upsample, gt) in enumerate(zip(batch['upsample'], batch['orig_labels'])):
+                    n_b = int(batch['num_points'][b])
+                    # official §3.8: every original point takes the logits of its nearest kept point, out[b, :, up];
+                    # argmax first then gather gives the same labels for less work
+                    pred = out[b, :, :n_b].argmax(0)[torch.as_tensor(upsample, device=out.device)]  # (N_b,)
+                    cm += data.confusion_matrix(_as_numpy(gt), _as_numpy(pred), num_classes)
+    finally:
+        for module, mode in modes:
+            module.training = mode
+    return all_reduce_sum(cm)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CSV log and plots (rank 0 only)
+# ---------------------------------------------------------------------------------------------------------------
+def _csv_value(value):
+    if torch.is_tensor(value):
+        value = value.item()
+    if isinstance(value, float):
+        return f'{value:.7g}'
+    return value
+
+
+class CSVLog:
+    """log.csv with fixed columns, one row per call, flushed immediately (a crash loses nothing already logged).
+    Rank 0 only (no-op elsewhere). A new run overwrites the file; `resume_iteration=it` keeps the existing file
+    (same columns required) and drops rows with `key` > it, i.e. rows logged after the checkpoint we resume from."""
+
+    def __init__(self, path, fields, resume_iteration=None, key='iteration'):
+        self.path, self.fields, self.enabled = Path(path), list(fields), is_main()
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_iteration is not None and self.path.is_file():
+            with open(self.path, newline='') as f:
+                rows = list(csv.reader(f))
+            if not rows or rows[0] != self.fields:
+                raise ValueError(f"{self.path} has columns {rows[0] if rows else []}, this run logs {self.fields}: "
+                                 f"resume with the same stage, or use another --out")
+            col = self.fields.index(key)
+            kept = [r for r in rows[1:] if r[col] == '' or float(r[col]) <= resume_iteration]
+            self._rewrite([self.fields] + kept)
+        else:
+            self._rewrite([self.fields])
+
+    def _rewrite(self, rows):
+        tmp = self.path.with_name(f'.{self.path.name}.tmp')
+        with open(tmp, 'w', newline='') as f:
+            csv.writer(f).writerows(rows)
+        os.replace(tmp, self.path)
+
+    def log(self, **row):
+        """Append one row; unknown columns are an error, missing ones stay empty."""
+        if not self.enabled:
+            return
+        unknown = sorted(set(row) - set(self.fields))
+        if unknown:
+            raise KeyError(f"CSVLog {self.path}: unknown columns {unknown} (columns: {self.fields})")
+        with open(self.path, 'a', newline='') as f:
+            csv.DictWriter(f, self.fields).writerow({k: _csv_value(v) for k, v in row.items()})
+            f.flush()
+
+
+def plot_log(csv_path, png_path, y_keys, title=None, x_key='iteration'):
+    """One panel per column of `y_keys` against `x_key`, saved as a PNG (matplotlib Agg, imported lazily).
+    Rank 0 only; returns the PNG path (None on other ranks)."""
+    if not is_main():
+        return None
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    with open(csv_path, newline='') as f:
+        rows = list(csv.DictReader(f))
+    columns = list(rows[0]) if rows else []
+    missing = [k for k in [x_key, *y_keys] if rows and k not in columns]
+    if missing:
+        raise KeyError(f"plot_log: {csv_path} has no column(s) {missing} (columns: {columns})")
+    fig, axes = plt.subplots(len(y_keys), 1, figsize=(7, 2.6 * len(y_keys)), sharex=True, squeeze=False)
+    for ax, key in zip(axes[:, 0], y_keys):
+        pts = [(float(r[x_key]), float(r[key])) for r in rows if r.get(key, '') != '' and r.get(x_key, '') != '']
+        if pts:
+            ax.plot(*zip(*pts), marker='.' if len(pts) < 50 else None, linewidth=1)
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel(x_key)
+    if title:
+        axes[0, 0].set_title(title)
+    fig.tight_layout()
+    png_path = Path(png_path)
+    tmp = png_path.with_name(f'.{png_path.name}.tmp')
+    fig.savefig(tmp, dpi=100, format='png')  # written aside then renamed: a reader never sees half a PNG
+    plt.close(fig)
+    os.replace(tmp, png_path)
+    return png_path
 
 # ==== [model] CLI: features and bench ====
+import argparse
+import contextlib
+import dataclasses
+import sys
+import time
+import warnings
+
+import numpy as np
+
+
+def read_scan_file(path, dataset=None):
+    """Read a scan -> (points (N, 4) float32 x, y, z, intensity in native units, dataset name for intensity stats).
+
+    .npy: (N, 4) array (default dataset nuscenes, the ScaLR pretraining setting); .pcd.bin: nuScenes, 5 float32
+    columns (x, y, z, intensity, ring); other .bin: KITTI, 4 float32 columns (dataset semantic_kitti)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"scan {path} does not exist")
+    name = path.name.lower()
+    if name.endswith(".npy"):
+        points = np.load(path, allow_pickle=False)
+        if points.ndim != 2 or points.shape[1] != 4:
+            raise ValueError(f"{path}: expected an (N, 4) array [x, y, z, intensity], got shape {points.shape}; "
+                             "slice your array to these 4 columns first")
+        dataset = dataset or "nuscenes"
+    elif name.endswith(".bin"):
+        raw = np.fromfile(path, dtype=np.float32)
+        nuscenes = name.endswith(".pcd.bin") if dataset is None else dataset == "nuscenes"
+        columns = 5 if nuscenes else 4
+        if raw.size % columns:
+            raise ValueError(f"{path}: {raw.size} float32 values is not a multiple of {columns} columns "
+                             f"({'nuScenes .pcd.bin' if nuscenes else 'KITTI .bin'}); pass --dataset to say which")
+        points = raw.reshape(-1, columns)[:, :4]
+        dataset = dataset or ("nuscenes" if nuscenes else "semantic_kitti")
+    else:
+        raise ValueError(f"{path}: unsupported scan file; use .npy (N, 4), nuScenes .pcd.bin or KITTI .bin")
+    if len(points) == 0:
+        raise ValueError(f"{path}: the scan is empty (0 points)")
+    return np.ascontiguousarray(points, dtype=np.float32), dataset
+
+
+def parse_grids(text):
+    """'256x256,256x32,256x32' -> ((256, 256), (256, 32), (256, 32))."""
+    try:
+        grids = tuple(tuple(int(v) for v in g.split("x")) for g in text.split(","))
+        assert len(grids) == 3 and all(len(g) == 2 for g in grids)
+    except (ValueError, AssertionError):
+        raise argparse.ArgumentTypeError(f"grids must look like 256x256,256x32,256x32, got {text!r}")
+    return grids
+
+
+@torch.no_grad()
+def scan_features(model, points, dataset, cfg, layer="backbone"):
+    """Per-point features of one scan, one row per input row, in input order: (N, C) float32 numpy.
+
+    Rows with NaN/inf are dropped before preprocessing (with a warning) and, like the points outside the FOV or
+    merged by voxelisation, get the feature of their nearest kept point (NaN coordinates read as 0)."""
+    import data  # lazy: data.py imports scipy
+    finite = np.isfinite(points).all(axis=1)
+    if not finite.all():
+        warnings.warn(f"{(~finite).sum()} of {len(points)} points have NaN/inf values: dropped from the input, "
+                      "they get their nearest kept point's feature")
+    if not finite.any():
+        raise ValueError("every point of the scan has NaN/inf values")
+    sample = data.prepare_scan(points[finite], dataset, cfg, train=False)
+    if len(sample["kept"]) == 0:
+        raise ValueError(f"no point of the scan lies inside the field of view {cfg.fov_min} .. {cfg.fov_max}")
+    batch = data.collate([sample])
+    model.eval()
+    device = next(model.parameters()).device
+    args = [batch[k].to(device) for k in ("feat", "cells", "neighbors", "occupied")]
+    out = model.forward_features(*args) if layer == "backbone" else model(*args)   # (1, C, M)
+    kept_features = out[0].T.float().cpu().numpy()                                   # (M, C)
+    features = np.empty((len(points), kept_features.shape[1]), dtype=np.float32)
+    features[finite] = kept_features[np.asarray(sample["upsample"])]
+    if not finite.all():
+        query = np.nan_to_num(points[~finite, :3], nan=0.0, posinf=0.0, neginf=0.0)
+        features[~finite] = kept_features[data.nearest_indices(query, sample["xyz"])]
+    return features
+
+
+def features_main(argv):
+    p = argparse.ArgumentParser(prog="waffleiron.py features", description="Per-point features of one scan with "
+                                "a ScaLR/WaffleIron checkpoint (eval mode, fp32), one row per input row, in order.")
+    p.add_argument("--ckpt", required=True, help="checkpoint (released ScaLR/WaffleIron file or ours)")
+    p.add_argument("--scan", required=True, help="(N, 4) .npy [x, y, z, intensity], nuScenes .pcd.bin or KITTI .bin")
+    p.add_argument("--out", required=True, help="output .npy, float32 (N, C)")
+    p.add_argument("--layer", choices=["backbone", "head"], default="backbone",
+                   help="backbone = trunk output (F channels); head = after the final layer (classif)")
+    p.add_argument("--dataset", default=None, help="intensity statistics (official.md §1.1); default nuscenes, "
+                   "or semantic_kitti for a KITTI .bin")
+    p.add_argument("--stage", default="pretrain", choices=["pretrain", "probe", "finetune"],
+                   help="grid/FOV preset of data.grid_config(dataset, stage) (official.md §3.4; ScaLR pretraining)")
+    p.add_argument("--fov-min", type=float, nargs=3, default=None, help="FOV lower corner, m (ScaLR: -64 -64 -8)")
+    p.add_argument("--fov-max", type=float, nargs=3, default=None, help="FOV upper corner, m (ScaLR: 64 64 8)")
+    p.add_argument("--grids", type=parse_grids, default=None,
+                   help="2D grids for projections along z, y, x (ScaLR: 256x256,256x32,256x32)")
+    p.add_argument("--voxel", type=float, default=None, help="voxel size, m (official.md §3.2: 0.1)")
+    p.add_argument("--gelu", action="store_true", help="ScaLR+ backbone (GELU); not visible in the tensors")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (computation stays fp32)")
+    args = p.parse_args(argv)
+    import data
+    toy_formats = {"toy": "nuscenes", "toy_kitti": "semantic_kitti"}  # the toy worlds use their format's stats
+    if args.dataset is not None and toy_formats.get(args.dataset, args.dataset) not in data.INTENSITY_STATS:
+        p.error(f"--dataset {args.dataset!r} has no intensity statistics; choose one of {list(data.INTENSITY_STATS)}")
+    points, dataset = read_scan_file(args.scan, args.dataset)
+    cfg = data.grid_config(dataset, args.stage)
+    overrides = {k: v for k, v in (("fov_min", args.fov_min), ("fov_max", args.fov_max), ("grids", args.grids),
+                                   ("voxel", args.voxel)) if v is not None}
+    overrides = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in overrides.items()}
+    cfg = dataclasses.replace(cfg, max_points=None, **overrides)
+    flags = {"gelu": True} if args.gelu else {}
+    model = load_checkpoint(args.ckpt, grids=cfg.grids, **flags).to(args.device)
+    features = scan_features(model, points, dataset, cfg, args.layer)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    np.save(args.out, features)
+    print(f"wrote {args.out}: {features.shape[0]} points x {features.shape[1]} {args.layer} features")
+
+
+# ---- benchmark ----
+
+def synthetic_batch(batch, points, k, grids, input_channels=5, device="cpu", seed=0):
+    """Random inputs shaped like collate()'s output; scan b has points - b*points//10 real points, the rest is
+    padding as in official.md §3.7 (features 0, neighbours N-1, cell 0, occupied False)."""
+    g = torch.Generator().manual_seed(seed)
+    feat = torch.randn(batch, input_channels, points, generator=g)
+    cells = torch.stack([torch.randint(0, h * w, (batch, points), generator=g) for h, w in grids], dim=1)
+    neighbors = torch.randint(0, points, (batch, k, points), generator=g)
+    occupied = torch.ones(batch, points, dtype=torch.bool)
+    for b in range(batch):
+        n = points - b * (points // 10)
+        feat[b, :, n:], cells[b, :, n:], neighbors[b, :, n:], occupied[b, n:] = 0, 0, points - 1, False
+        neighbors[b, :, :n] %= n
+    return [t.to(device) for t in (feat, cells, neighbors, occupied)]
+
+
+def _peak_rss_reset():
+    """Reset this process's peak resident set size (Linux: write 5 to /proc/self/clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mib():
+    """VmHWM of /proc/self/status in MiB (peak resident memory since the last reset), NaN if unavailable."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) for l in f if l.startswith("VmHWM")) / 1024
+    except (OSError, StopIteration):
+        return float("nan")
+
+
+def _timed_ms(fn, device):
+    """Wall time of one call in ms (synchronising CUDA around it)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _peak_mib(fn, device):
+    """Peak memory of one call: torch.cuda.max_memory_allocated on GPU, peak RSS growth on CPU (MiB)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2**20
+    base = _peak_rss_mib() if _peak_rss_reset() else float("nan")
+    fn()
+    return _peak_rss_mib() - base
+
+
+def bench_variants(model, inputs, impls, compiled, amp):
+    """{(impl, compiled): (forward fn, forward+backward fn)} sharing the model's parameters."""
+    dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    device_type = inputs[0].device.type
+    autocast = (lambda: torch.autocast(device_type, dtype=dtype)) if dtype else contextlib.nullcontext
+    variants = {}
+    for impl in impls:
+        eager = model.forward_features if impl == "ours" else (lambda *x: naive_forward_features(model, *x))
+        for use_compile in ([False, True] if compiled else [False]):
+            features = torch.compile(eager) if use_compile else eager
+
+            def forward(features=features):
+                model.eval()
+                with torch.no_grad(), autocast():
+                    features(*inputs)
+
+            def forward_backward(features=features):
+                model.train()
+                with autocast():
+                    loss = features(*inputs).float().square().mean()
+                loss.backward()
+
+            variants[(impl, use_compile)] = (forward, forward_backward)
+    return variants
+
+
+def run_bench(opts):
+    """Time every variant, interleaved (ours, naive, ours, ...) so that load from other processes hits all of
+    them alike; report the fastest of `repeats` runs after one warm-up (which also compiles)."""
+    torch.manual_seed(0)
+    device = torch.device(opts["device"])
+    model = WaffleIron(5, opts["width"], opts["depth"], head=None, checkpointing=opts["checkpointing"]).to(device)
+    inputs = synthetic_batch(opts["batch"], opts["points"], opts["k"], model.grids, device=device)
+    variants = bench_variants(model, inputs, opts["impls"], opts["compile"], opts["amp"])
+    results = {}
+    for key, (forward, forward_backward) in list(variants.items()):  # warm-up; drop what fails to compile
+        try:
+            forward(), forward_backward()
+            results[key] = dict(fwd=[], fwd_bwd=[], peak=_peak_mib(forward_backward, device))
+        except Exception as err:  # torch.compile may be unavailable (no C++ compiler, unsupported op, ...)
+            print(f"[bench] {key[0]} compile={key[1]} failed, skipped: {type(err).__name__}: "
+                  f"{str(err).splitlines()[0][:200]}", file=sys.stderr)
+            variants.pop(key)
+    for _ in range(opts["repeats"]):
+        for key, (forward, forward_backward) in variants.items():
+            results[key]["fwd"].append(_timed_ms(forward, device))
+            results[key]["fwd_bwd"].append(_timed_ms(forward_backward, device))
+    if opts["amp"] == "none" and "naive" in opts["impls"]:
+        model.eval()
+        with torch.no_grad():  # the numbers must not depend on the implementation
+            diff = (naive_forward_features(model, *inputs) - model.forward_features(*inputs)).abs().max()
+        results["max_abs_diff"] = float(diff)
+    return results
+
+
+def bench_main(argv):
+    p = argparse.ArgumentParser(prog="waffleiron.py --bench", description="Forward and forward+backward time and "
+                                "peak memory of our WaffleIron vs a direct implementation of the official layout.")
+    p.add_argument("--bench", action="store_true", help="run the benchmark")
+    p.add_argument("--width", type=int, default=64, help="F (paper: 256 or 768; small default for a 2-core CPU)")
+    p.add_argument("--depth", type=int, default=6, help="L (paper: 48; small default for a 2-core CPU)")
+    p.add_argument("--points", type=int, default=20000, help="points per scan (official LimitNumPoints: 20000)")
+    p.add_argument("--batch", type=int, default=2, help="scans per batch (ScaLR WI-768 pretraining: 8)")
+    p.add_argument("--k", type=int, default=16, help="neighbours of the embedding (official.md §3.6: 16)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none",
+                   help="autocast dtype (ScaLR: fp16, ScaLR+: bf16, official.md §9)")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile'd versions (skipped on failure)")
+    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing of our implementation (ScaLR+, official.md §9)")
+    p.add_argument("--impl", choices=["both", "ours", "naive"], default="both", help="implementations to time")
+    p.add_argument("--repeats", type=int, default=2, help="timed runs per variant after one warm-up (fastest kept)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: PyTorch default)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    opts = dict(vars(args), impls=["ours", "naive"] if args.impl == "both" else [args.impl])
+    results = run_bench(opts)
+    print(f"\nWaffleIron F={args.width} L={args.depth}, batch {args.batch} x {args.points} points, k={args.k}, "
+          f"device {args.device} ({torch.get_num_threads()} threads), amp {args.amp}, "
+          f"checkpointing {args.checkpointing}; fastest of {args.repeats} runs\n")
+    print("| impl | torch.compile | fwd ms | fwd+bwd ms | train scans/s | peak MiB |")
+    print("|---|---|---:|---:|---:|---:|")
+    for (impl, compiled), r in ((k, v) for k, v in results.items() if isinstance(k, tuple)):
+        fwd, fwd_bwd = min(r["fwd"]), min(r["fwd_bwd"])
+        print(f"| {impl} | {'yes' if compiled else 'no'} | {fwd:.1f} | {fwd_bwd:.1f} | "
+              f"{args.batch / fwd_bwd * 1e3:.2f} | {r['peak']:.0f} |")
+    if ("ours", False) in results and ("naive", False) in results:
+        ours, naive = results[("ours", False)], results[("naive", False)]
+        print(f"\nspeed-up ours vs naive (eager): forward {min(naive['fwd']) / min(ours['fwd']):.2f}x, "
+              f"forward+backward {min(naive['fwd_bwd']) / min(ours['fwd_bwd']):.2f}x")
+    if "max_abs_diff" in results:
+        print(f"max |ours - naive| (fp32 eval forward) = {results['max_abs_diff']:.2e}")
+    what = "torch.cuda.max_memory_allocated" if args.device.startswith("cuda") else "growth of peak RSS"
+    print(f"peak MiB = {what} during one forward+backward; train scans/s = batch / fwd+bwd (no optimizer step)")
+
+
+def main(argv):
+    if argv[:1] == ["features"]:
+        return features_main(argv[1:])
+    if "--bench" in argv:
+        return bench_main(argv)
+    print(__doc__)
+    print("usage: python waffleiron.py features --ckpt P --scan X.npy --out F.npy [--layer backbone|head]\n"
+          "       python waffleiron.py --bench [--width F --depth L --points N --batch B --device cpu|cuda "
+          "--amp none|bf16|fp16 --compile]")
+    return None
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
