@@ -1191,11 +1191,11 @@ def mean_iou(cm):
 # Some classes share geometry and lidar intensity and differ only in colour/texture (road vs parking, sidewalk
 # vs driveway, terrain vs low vegetation): what an image teacher can add to a lidar network.
 # numpy only; every cast is vectorised over rays (Python loops only over chunks of rays and over scans).
-import hashlib
+# Deterministic: every scan draws from its own np.random.default_rng([seed, ...]) and no clock is read, so a seed
+# gives the same bytes (on one platform: numpy's SIMD sin/cos may round differently on another CPU).
+# Default (64 nuScenes keyframes, 48 KITTI scans): ~100 CPU-s (~50 s on 2 free cores), ~52 MB.
+import hashlib  # json, math, os, time, Path: imported at the top of the file
 import io
-import json
-import math
-from pathlib import Path
 
 # material: (name, nuScenes lidarseg index, SemanticKITTI raw id, base RGB, lidar reflectance mean, std)
 TOY_MATERIALS = [
@@ -1224,7 +1224,6 @@ TOY_MAT_NUSC = np.array([m[1] for m in TOY_MATERIALS], np.uint8)     # material 
 TOY_MAT_KITTI = np.array([m[2] for m in TOY_MATERIALS], np.uint32)   # material -> SemanticKITTI raw id
 _TOY_RGB = np.array([m[3] for m in TOY_MATERIALS], np.float64)
 _TOY_REFL = np.array([[m[4], m[5]] for m in TOY_MATERIALS], np.float64)
-_TOY_THINGS = {TOY_MAT[n] for n in ("car", "truck", "bus", "pedestrian", "bicycle", "traffic_cone", "barrier")}
 
 TOY_NUSC_CATEGORIES = [  # official nuScenes-lidarseg names, in category.index order 0..31 (realdata README)
     "noise", "animal", "human.pedestrian.adult", "human.pedestrian.child", "human.pedestrian.construction_worker",
@@ -1339,7 +1338,8 @@ class _ToyPrims:
         self.mat, self.rgb, self.inst = [], [], []
 
     def add(self, kind, mat, row, rgb=None, inst=0):
-        """kind 'box': cx,cy,cz, hx,hy,hz, yaw | 'cyl' (vertical): x,y, z0,z1, r | 'ell' (axis-aligned): c(3), radii(3)."""
+        """kind 'box': cx,cy,cz, hx,hy,hz, yaw | 'cyl' (vertical): x,y, z0,z1, r |
+        'ell' (axis-aligned): cx,cy,cz, rx,ry,rz."""
         self.rows[kind].append((len(self.mat),) + tuple(float(v) for v in row))
         self.mat.append(TOY_MAT[mat])
         self.rgb.append(_TOY_RGB[TOY_MAT[mat]] if rgb is None else np.asarray(rgb, np.float64))
@@ -1410,8 +1410,8 @@ def _toy_world(rng, x_lo, x_hi, ego_x=(0.0, 0.0)):
                 D, H = rng.uniform(8, 15), rng.uniform(5, 20)
                 P.add("box", "building", (x + L / 2, sg * (yb + D / 2), H / 2, L / 2, D / 2, H / 2, 0.0),
                       _TOY_FACADES[rng.integers(len(_TOY_FACADES))])
-                if rng.random() < 0.6:
-                    w, x0 = rng.uniform(3, 5.5), x + rng.uniform(0, max(L - 5.5, 0.1))
+                if rng.random() < 0.75:
+                    w, x0 = rng.uniform(3, 6), x + rng.uniform(0, max(L - 6, 0.1))
                     dws.append((x0, x0 + w, side))
                     if rng.random() < 0.5:           # a car parked on the driveway
                         _toy_vehicle(P, rng, "car", x0 + w / 2, sg * (ys1 + (yb - ys1) / 2), np.pi / 2, nid(), hs)
@@ -1428,17 +1428,17 @@ def _toy_world(rng, x_lo, x_hi, ego_x=(0.0, 0.0)):
                 P.add("ell", "low_vegetation", (x + 4, by, hs + 0.2, rb, rb * rng.uniform(0.7, 1.3), rb * 0.6))
             x += rng.uniform(6, 16)
         x = x_lo + rng.uniform(0, 15)
-        while x < x_hi:                              # poles (half with a sign), pedestrians, bicycles on sidewalk
-            py, h = sg * (ys0 + 0.4), rng.uniform(4, 8)
+        while x < x_hi:                              # poles (most with a sign), pedestrians, bicycles on sidewalk
+            py, h = sg * (ys0 + 0.5), rng.uniform(4, 8)
             P.add("cyl", "pole", (x, py, 0.0, h, rng.uniform(0.07, 0.12)))
-            if rng.random() < 0.5:
-                P.add("box", "traffic_sign", (x + 0.08, py, rng.uniform(2.3, 3.0), 0.03, 0.35, 0.35, 0.0),
+            if rng.random() < 0.7:
+                P.add("box", "traffic_sign", (x + 0.1, py, rng.uniform(2.4, 3.0), 0.04, 0.45, 0.4, 0.0),
                       [(30, 80, 190), (200, 30, 30), (240, 240, 240)][rng.integers(3)])
-            for _ in range(rng.integers(0, 3)):
+            for _ in range(rng.integers(0, 4)):
                 P.add("cyl", "pedestrian", (x + rng.uniform(2, 12), sg * rng.uniform(ys0 + 0.5, ys1 - 0.3), hs,
                                            hs + rng.uniform(1.55, 1.9), rng.uniform(0.22, 0.3)),
                       _TOY_PAINTS[rng.integers(len(_TOY_PAINTS))] * 0.7, nid())
-            if rng.random() < 0.35:
+            if rng.random() < 0.5:
                 P.add("box", "bicycle", (x + 1.5, sg * (ys0 + 0.9), hs + 0.55, 0.85, 0.08, 0.45, 0.0),
                       (40, 160, 200), nid())
             x += rng.uniform(12, 30)
@@ -1465,9 +1465,9 @@ def _toy_traffic(S, P, rng, x_lo, x_hi, ego_x, nid):
                 kind = rng.choice(["car", "car", "car", "car", "truck", "bus"])
                 _toy_vehicle(P, rng, kind, x, y + rng.uniform(-0.3, 0.3), 0.0 if y < 0 else np.pi, nid())
             x += rng.uniform(12, 35)
-    if rng.random() < 0.7:                           # cones and barriers along the far road edge
-        x, y = rng.uniform(x_lo + 10, x_hi - 40), S["R"] - 0.6
-        for _ in range(rng.integers(3, 8)):
+    for _ in range(2):                               # road works: cones and barriers along the far road edge,
+        x, y = rng.uniform(ego_x[0] - 20, ego_x[1] + 10), S["R"] - 0.6   # one of them near the ego path
+        for _ in range(rng.integers(3, 9)):
             if rng.random() < 0.5:
                 P.add("cyl", "traffic_cone", (x, y, 0.0, 0.7, 0.17), inst=nid())
             else:
@@ -1487,7 +1487,7 @@ def _toy_nearest_per_ray(ri, t):
 def _toy_candidates(o, d, centres, radii, chunk=32768):
     """(ray, primitive) pairs whose bounding sphere the ray crosses: (ri, pi) int64."""
     oc = (centres - o).astype(np.float32)  # (P, 3)
-    c2, r = (oc * oc).sum(1), radii.astype(np.float32)
+    c2, r = (oc * oc).sum(1), (radii * 1.001 + 1e-3).astype(np.float32)   # margin: float32 rounding can't drop a hit
     ris, pis = [], []
     for s in range(0, len(d), chunk):
         tc = d[s:s + chunk].astype(np.float32) @ oc.T  # (n, P) distance along the ray to the closest approach
@@ -1614,6 +1614,11 @@ def toy_cast(S, o, d, max_range=np.inf):
 
     Returns dict t (N,) metres (inf = miss), mat (N,) material (-1 = miss), prim (N,) primitive id (-1 = ground),
     normal (N,3)."""
+    with np.errstate(invalid="ignore", divide="ignore"):   # NaN/inf mark rays that miss a surface
+        return _toy_cast_all(S, o, d, max_range)
+
+
+def _toy_cast_all(S, o, d, max_range):
     t, n, mat = _toy_hit_ground(S, o, d)
     prim = np.full(len(d), -1, np.int64)
     T = S["prims"]
@@ -1654,6 +1659,11 @@ def toy_cast(S, o, d, max_range=np.inf):
 _TOY_SUN = np.array([0.35, 0.25, 0.9]) / np.linalg.norm([0.35, 0.25, 0.9])
 
 
+def _toy_stripes(a, period, width):
+    """True on lines `width` metres wide every `period` metres of coordinate a."""
+    return (a % period) < width
+
+
 def _toy_albedo(S, hit, p):
     """(N,3) RGB 0..255 of the hit surfaces: material/primitive colour x procedural texture (world-anchored)."""
     mat, prim, n = hit["mat"], hit["prim"], hit["normal"]
@@ -1663,8 +1673,7 @@ def _toy_albedo(S, hit, p):
     u = np.where(np.abs(n[:, 0]) > np.abs(n[:, 1]), y, x)      # horizontal coordinate on vertical faces
     k = S["key"]
     f = 0.85 + 0.3 * _toy_noise(x + 0.5 * z, y - 0.5 * z, 0.35, k + 1)   # generic grain
-    M = TOY_MAT
-    grid = lambda a, s, w: (a % s) < w  # noqa: E731  (lines of width w every s metres)
+    M, grid = TOY_MAT, _toy_stripes
     f = np.where(mat == M["terrain"], 0.7 + 0.5 * _toy_noise(x, y, 1.3, k + 2), f)
     f = np.where(np.isin(mat, [M["low_vegetation"], M["tree_canopy"]]),
                  0.55 + 0.7 * _toy_noise(x + z, y - z, 0.25, k + 3), f)
@@ -1778,7 +1787,7 @@ def _toy_encode_image(img, fmt):
     return buf.getvalue()
 
 
-def _toy_nusc_plan(seed, n_scans):
+def _toy_nusc_plan(n_scans):
     """[(scene index, real v1.0-mini scene name, keyframes)]: ~3/4 of the scans in the 8 mini_train scenes,
     ~1/4 in the 2 mini_val scenes; below 10 scans, fewer scenes with one keyframe each (tests)."""
     names = TOY_MINI_TRAIN + TOY_MINI_VAL
@@ -1833,7 +1842,10 @@ def _toy_nusc_keyframe(out, seed, si, name, n_kf, k, class_maps):
     nus, log = Path(out) / "nuscenes", _toy_nusc_logfile(seed, si)
     ts_l = S["t0"] + k * 500000 + int(rng.integers(-2000, 2000))
     sample = _toy_token(seed, name, k, "sample")
-    tok = lambda ch, kk=k: _toy_token(seed, name, kk, ch) if 0 <= kk < n_kf else ""  # noqa: E731
+
+    def tok(ch, kk=k):  # sample_data (= ego_pose) token of channel ch at keyframe kk, "" outside the scene
+        return _toy_token(seed, name, kk, ch) if 0 <= kk < n_kf else ""
+
     rec = {"sample": [{"token": sample, "timestamp": ts_l, "prev": _toy_token(seed, name, k - 1, "sample") if k else "",
                        "next": _toy_token(seed, name, k + 1, "sample") if k < n_kf - 1 else "",
                        "scene_token": _toy_token(seed, name, "scene")}], "sample_data": [], "ego_pose": []}
@@ -1874,7 +1886,7 @@ def _toy_nusc_keyframe(out, seed, si, name, n_kf, k, class_maps):
     return rec
 
 
-def _toy_nusc_static_tables(seed, plan, n_kf_of):
+def _toy_nusc_static_tables(seed, plan):
     """The tables that do not depend on the casts: sensor, calibrated_sensor, log, map, scene, category, ..."""
     rig = _toy_nusc_rig()
     T = {"sensor": [{"token": _toy_token(seed, "sensor", ch), "channel": ch,
@@ -1883,7 +1895,8 @@ def _toy_nusc_static_tables(seed, plan, n_kf_of):
     for si, name, n_kf in plan:
         for ch, (q, t, K) in rig.items():
             T["calibrated_sensor"].append({
-                "token": _toy_token(seed, name, "calibrated_sensor", ch), "sensor_token": _toy_token(seed, "sensor", ch),
+                "token": _toy_token(seed, name, "calibrated_sensor", ch),
+                "sensor_token": _toy_token(seed, "sensor", ch),
                 "translation": [float(v) for v in t], "rotation": [float(v) for v in q],
                 "camera_intrinsic": [] if K is None else [[float(v) for v in row] for row in K]})
         log_tok = _toy_token(seed, name, "log")
@@ -1902,15 +1915,20 @@ def _toy_nusc_static_tables(seed, plan, n_kf_of):
     return T
 
 
-def _toy_kitti_world(seed, seq, n):
-    S = _toy_world(np.random.default_rng([seed, 3, seq]), -90.0, 2.0 * n + 90.0, (0.0, 2.0 * n + 2))
-    return S
+_TOY_KITTI_DRIVE = 4  # scans per street: a toy sequence is several short drives through different streets
+
+
+def _toy_kitti_world(seed, seq, i):
+    """The street of scan i (one per block of _TOY_KITTI_DRIVE scans, for diversity)."""
+    n = _TOY_KITTI_DRIVE
+    return _toy_world(np.random.default_rng([seed, 3, seq, i // n]), -90.0, 2.0 * n + 90.0, (0.0, 2.0 * n + 2))
 
 
 def _toy_kitti_velo_pose(S, i):
-    """Velodyne pose of scan i in the road frame: 2 m per scan (20 m/s at 10 Hz), sensor 1.73 m high."""
-    y, yaw = _toy_ego_path(S, 2.0 * i)
-    return _toy_rotz(yaw), np.array([2.0 * i, y, 1.73])
+    """Velodyne pose of scan i in its street's road frame: 2 m per scan (20 m/s at 10 Hz), sensor 1.73 m high."""
+    x = 2.0 * (i % _TOY_KITTI_DRIVE)
+    y, yaw = _toy_ego_path(S, x)
+    return _toy_rotz(yaw), np.array([x, y, 1.73])
 
 
 def _toy_kitti_cam2():
@@ -1924,7 +1942,7 @@ def _toy_kitti_cam2():
 
 def _toy_kitti_frame(out, seed, seq, n, i, class_maps):
     """Casts and writes scan i of sequence `seq`: velodyne .bin, labels .label, image_2 .png."""
-    S = _toy_kitti_world(seed, seq, n)
+    S = _toy_kitti_world(seed, seq, i)
     rng = np.random.default_rng([seed, 4, seq, i])
     Rv, tv = _toy_kitti_velo_pose(S, i)
     xyz, refl, _, mat, inst = _toy_lidar(S, tv, Rv, np.linspace(2.0, -24.8, 64), 360, 80.0, rng)
@@ -1945,17 +1963,17 @@ def _toy_kitti_frame(out, seed, seq, n, i, class_maps):
 
 
 def _toy_kitti_text_files(seed, seq, n, d):
-    """calib.txt (P0..P3, Tr), poses.txt (cam0 poses in the first cam0 frame, 3x4 rows), times.txt (s)."""
-    fmt = lambda M: " ".join(f"{v:.12e}" for v in np.asarray(M).ravel())  # noqa: E731
-    lines = [f"{k}: {fmt(_toy_kitti_P(k))}" for k in ("P0", "P1", "P2", "P3")] + [f"Tr: {fmt(_TOY_KITTI_TR)}"]
+    """calib.txt (P0..P3, Tr), poses.txt (cam0 poses in the first cam0 frame, 3x4 rows; each street is laid
+    1 km further along x, so poses jump between streets), times.txt (s)."""
+    lines = [f"{k}: " + " ".join(f"{v:.12e}" for v in M.ravel())
+             for k, M in [(k, _toy_kitti_P(k)) for k in ("P0", "P1", "P2", "P3")] + [("Tr", _TOY_KITTI_TR)]]
     (d / "calib.txt").write_text("\n".join(lines) + "\n")
-    S = _toy_kitti_world(seed, seq, n)
     Tr = np.vstack([_TOY_KITTI_TR, [0, 0, 0, 1]])
     poses = []
     for i in range(n):
-        Rv, tv = _toy_kitti_velo_pose(S, i)
+        Rv, tv = _toy_kitti_velo_pose(_toy_kitti_world(seed, seq, i), i)
         Tw = np.eye(4)
-        Tw[:3, :3], Tw[:3, 3] = Rv, tv
+        Tw[:3, :3], Tw[:3, 3] = Rv, tv + [1000.0 * (i // _TOY_KITTI_DRIVE), 0, 0]
         poses.append(Tw @ np.linalg.inv(Tr))          # world <- cam0
     first = np.linalg.inv(poses[0])
     (d / "poses.txt").write_text("".join(" ".join(f"{v:.6e}" for v in (first @ P)[:3].ravel()) + "\n" for P in poses))
@@ -1978,8 +1996,9 @@ TOY_DEFAULT_SCANS = 64  # nuScenes keyframes: 8 train scenes x 6 + 2 val scenes 
 
 def make_toy(out_dir, scans=None, seed=0, progress=True, workers=2, class_maps=False):
     """Generates the toy world into out_dir: out_dir/nuscenes (v1.0-mini) and out_dir/semantic_kitti (00 train,
-    08 val), then out_dir/DONE. `scans` = nuScenes keyframes (KITTI gets scans/2 train + scans/4 val).
-    class_maps=True also writes per-image class/depth maps to out_dir/_classmaps (tests only)."""
+    08 val), then out_dir/DONE. `scans` = nuScenes keyframes (default 64: 48 mini_train + 16 mini_val); KITTI gets
+    scans/2 (seq 00) + scans/4 (seq 08). Byte-identical for a seed, whatever `workers` (processes, fork).
+    class_maps=True also writes each image's per-pixel class and depth to out_dir/_classmaps (tests only)."""
     import shutil
     from tqdm import tqdm
     n = int(scans or TOY_DEFAULT_SCANS)
@@ -2003,13 +2022,14 @@ def make_toy(out_dir, scans=None, seed=0, progress=True, workers=2, class_maps=F
     if class_maps:
         for sub in ("nuscenes", "semantic_kitti"):
             (out / "_classmaps" / sub).mkdir(parents=True, exist_ok=True)
-    plan = _toy_nusc_plan(seed, n)
+    plan, t_start = _toy_nusc_plan(n), time.time()
     units = [("nusc", str(out), seed, si, name, n_kf, k, class_maps) for si, name, n_kf in plan for k in range(n_kf)]
     units += [("kitti", str(out), seed, seq, m, i, class_maps) for seq, m in kitti.items() for i in range(m)]
     bar = tqdm(total=len(units), desc=f"toy world -> {out}", disable=not progress, unit="scan")
-    if workers > 1:
-        import multiprocessing as mp
-        with mp.get_context("fork").Pool(workers) as pool:
+    import multiprocessing as mp
+    workers = min(workers, os.cpu_count() or 1, len(units))
+    if workers > 1 and "fork" in mp.get_all_start_methods() and not mp.current_process().daemon:
+        with mp.get_context("fork").Pool(workers) as pool:   # units are independent and seeded: same bytes
             results = [_toy_tick(bar, r) for r in pool.imap(_toy_unit, units)]
     else:
         results = [_toy_tick(bar, _toy_unit(u)) for u in units]
@@ -2018,26 +2038,41 @@ def make_toy(out_dir, scans=None, seed=0, progress=True, workers=2, class_maps=F
     for seq, m in kitti.items():
         _toy_kitti_text_files(seed, seq, m, out / "semantic_kitti" / "dataset" / "sequences" / f"{seq:02d}")
     (out / "DONE").write_text(f"toy world complete: seed={seed} scans={n}\n")   # written last
+    if progress:
+        mb = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2 ** 20
+        print(f"[toy] {sum(k for _, _, k in plan)} nuScenes keyframes (v1.0-mini: mini_train/mini_val), "
+              f"{kitti[0]} + {kitti[8]} SemanticKITTI scans (00 / 08), {mb:.1f} MB in {time.time() - t_start:.0f} s "
+              f"-> {out}")
     return out
 
 
 def _toy_write_nusc_tables(nus, seed, plan, recs):
     """Writes the 14 v1.0-mini JSON tables (+ placeholder map PNG that nuscenes-devkit requires)."""
-    T = _toy_nusc_static_tables(seed, plan, None)
+    T = _toy_nusc_static_tables(seed, plan)
     for key in ("sample", "sample_data", "ego_pose", "lidarseg"):
         T[key] = [row for r in recs for row in r[key]]
     for key, rows in T.items():
         (nus / "v1.0-mini" / f"{key}.json").write_text(json.dumps(rows, indent=1))
-    (nus / "maps" / "toy_placeholder_not_a_map.png").write_bytes(_toy_encode_image(np.zeros((1, 1, 3), np.uint8), "png"))
+    placeholder = _toy_encode_image(np.zeros((1, 1, 3), np.uint8), "png")
+    (nus / "maps" / "toy_placeholder_not_a_map.png").write_bytes(placeholder)
 
 
 def ensure_toy(root=None, scans=None, seed=0):
     """Path of the toy world (default data/toy next to this file), generated with a progress bar if missing or
     half-written (no DONE marker, which make_toy writes last)."""
     root = Path(root) if root is not None else Path(__file__).resolve().parent / "data" / "toy"
-    if not (root / "DONE").exists():
-        print(f"[toy] no complete toy world at {root}: generating it (about a minute on 2 cores, once)")
-        make_toy(root, scans=scans, seed=seed)
+    if (root / "DONE").exists():
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".toy_lock", "w") as lock:
+        try:  # several processes (torchrun ranks) may ask at once: one generates, the others wait for it
+            import fcntl
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except ImportError:  # no fcntl (Windows): single process assumed
+            pass
+        if not (root / "DONE").exists():
+            print(f"[toy] no complete toy world at {root}: generating it (about a minute on 2 cores, once)")
+            make_toy(root, scans=scans, seed=seed)
     return root
 
 
@@ -2061,10 +2096,10 @@ def render_toy_preview(root=None, out_png="toy_preview.png", index=0, cam="CAM_F
     proj = ds.project(index, cam)
     fig, ax = plt.subplots(1, 2, figsize=(13, 4.6), gridspec_kw={"width_ratios": [1, 1.6]})
     near = np.abs(pts[:, :2]).max(1) < 40
-    ax[0].scatter(pts[near, 0], pts[near, 1], c=col[near], s=0.3, linewidths=0)
+    ax[0].scatter(pts[near, 0], pts[near, 1], c=col[near], s=0.8, linewidths=0)
     ax[0].set(aspect="equal", title=f"toy LIDAR_TOP, {len(pts)} points (lidar frame, m)", xlabel="x", ylabel="y")
     ax[1].imshow(ds.image(index, cam))
-    ax[1].scatter(proj["uv"][:, 0], proj["uv"][:, 1], c=col[proj["idx"]], s=1.0, linewidths=0)
+    ax[1].scatter(proj["uv"][:, 0], proj["uv"][:, 1], c=col[proj["idx"]], s=2.0, linewidths=0)
     ax[1].set(title=f"{cam} with the projected labelled points", xticks=[], yticks=[])
     names = CLASS_NAMES["nuscenes"]
     present = np.unique(lab[lab != IGNORE])
