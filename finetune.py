@@ -1,1 +1,559 @@
-"""finetune.py — being written."""
+"""finetune.py — finetuning WaffleIron with 1 %, 10 % or 100 % of the labels (ScaLR, CVPR 2024, Supp. B.4).
+
+The distilled model is loaded strictly with its pretraining head, then that head is replaced by the downstream head
+BatchNorm1d(F) + zero-initialised Conv1d(F -> K) (official.md §7, §4.4), and the WHOLE network is trained on a
+labelled subset of one dataset: CE + Lovász (§5.2), the official desynchronised augmentations (§3.3), AdamW without
+weight decay, LR 0 -> 0.002 over the first tenth of the epochs then cosine to 0 (§6.1), stochastic depth 0.2 with the
+same rate in every block (§4.2), BEiT layer-wise LR decay (§6.4). `--scratch` runs the same recipe from random
+weights (the paper's "no pretraining" rows). The mIoU is computed on every original val point (1-NN upsampling, §8).
+
+    python distill.py && python finetune.py --fraction 0.1          # toy: distil, then finetune on 10 % of the labels
+    python finetune.py --fraction 0.1 --scratch                     # the same recipe from random weights
+    (the toy has 48 train scans: 10 % = 5 scans is its smallest paper fraction, 1 % would be empty)
+    torchrun --nproc_per_node 8 finetune.py --data nuscenes --root /data/nuscenes --version v1.0-trainval \\
+        --ckpt runs/scalr/model.pth --fraction 0.01 --subset-file nuscenes-ratio_100-v_0.npy --amp fp16
+    python finetune.py --eval-only --data nuscenes --root /data/nuscenes --ckpt ckpt_last.pth   # ours or released
+
+Outputs in --out: results.json, per_class_iou.png, log.csv, loss.png, subset_<data>_<pct>.txt, config.json,
+model.pth ({'net', 'config'}: official tensor names, readable by waffleiron.load_checkpoint and the official code),
+ckpt_last.pth (everything --resume needs, written atomically after every epoch and when a run stops early).
+"""
+import argparse
+import json
+import math
+import os
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+import data
+import waffleiron as wi
+
+FINETUNE_DATASETS = [n for n in data.DATASET_NAMES if n != "merged"]
+PAPER_ARCH = (768, 48)  # WI-48-768 (official §4.3): width, depth for --scratch without any checkpoint
+TOY_ARCH = (64, 6)  # distill.py's toy preset (width, depth), so --scratch on the toy matches the distilled model
+TOY_ITERS = 48  # toy budget in iterations (chosen on cost, never tuned on val); see toy_epochs()
+
+
+class HeadReinitialisedWarning(UserWarning):
+    """The checkpoint's segmentation head has another class count than the dataset: it was re-initialised."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line: every default cites where it comes from.
+# ----------------------------------------------------------------------------------------------------------------
+def label_fraction(text):
+    """argparse type of --fraction: a float in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--fraction must be a number in (0, 1], got {text!r}") from None
+    if not (0.0 < value <= 1.0) or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"--fraction must be in (0, 1] (e.g. 0.01, 0.1, 1.0), got {value:g}")
+    return value
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--data", default="toy", choices=FINETUNE_DATASETS, help="downstream dataset (CONTRACT: defaults to the toy)")
+    a("--root", default=None, help="dataset root (default: data.get_dataset's, data/toy for the toy)")
+    a("--version", default=None, help="nuScenes version, e.g. v1.0-trainval (data.get_dataset default)")
+    a("--ckpt", default=None, help="distilled checkpoint to finetune (default: newest runs/distill*/model.pth); "
+                                   "with --eval-only: the finetuned checkpoint to evaluate (ours or released)")
+    a("--scratch", action="store_true", help="no-pretraining baseline: same recipe, random init (architecture of "
+                                             "--ckpt if one is found, else --width/--depth)")
+    a("--width", type=int, default=None, help="backbone width F for --scratch without checkpoint (official §4.3: "
+                                              "768; toy: 64 as distill.py's toy preset)")
+    a("--depth", type=int, default=None, help="backbone depth L, same rules as --width (official §4.3: 48; toy: 6)")
+    a("--fraction", type=label_fraction, default=1.0,
+      help="fraction of the labelled train scans used (Supp. B.4: 0.01, 0.1, 1.0; any value in (0, 1])")
+    a("--subset-file", default=None, help="official 1 %%/10 %% list, e.g. nuscenes-ratio_100-v_0.npy (official "
+                                          "§1.2); default: data.label_subset's documented rule")
+    a("--out", default=None, help="output folder (default runs/finetune[_<data>][_<pct>pct][_scratch])")
+    a("--batch-size", type=int, default=8, help="global batch size (Supp. B.4: 8)")
+    a("--lr", type=float, default=0.002, help="peak learning rate of the head (Supp. B.4: 0.002)")
+    a("--min-lr", type=float, default=0.0, help="final learning rate of the cosine (Supp. B.4: 0)")
+    a("--weight-decay", type=float, default=0.0, help="AdamW weight decay (Supp. B.4: none)")
+    a("--drop-path", type=float, default=0.2,
+      help="stochastic depth, same rate in every block (Supp. B.4: 0.2; official §4.2: no linear ramp)")
+    a("--layer-decay", type=float, default=None,
+      help="layer-wise LR decay (Supp. B.4: 0.95 for 1 %% / 10 %%, 0.99 for 100 %%)")
+    a("--epochs", type=int, default=None,
+      help="training epochs (Supp. B.4: 45 for 1 %% / 10 %%, 25 for 100 %%; toy: see toy_epochs())")
+    a("--official-kitti-epochs", action="store_true",
+      help="SemanticKITTI 100 %%: the official config's 10 epochs / 1 warmup epoch instead of Supp. B.4's 25 "
+           "(official §6.4, pitfall 16)")
+    a("--warmup-epochs", type=float, default=None,
+      help="linear warmup from LR 0 (Supp. B.4: the first tenth of the epochs; official configs 4 / 2 / 1)")
+    a("--max-iters", type=int, default=None,
+      help="stop after this many iterations in total (smoke tests; the LR schedule still spans --epochs)")
+    a("--max-points", type=int, default=None,
+      help="LimitNumPoints of the training scans (official §3.3: 20000 around a random centre); lower it to save "
+           "memory or time")
+    a("--val-scans", type=int, default=None,
+      help="evaluate on the first N val scans only (smoke tests; default and paper: the whole val split)")
+    a("--amp", default="none", choices=["none", "fp16", "bf16"],
+      help="autocast (official README runs --fp16 = fp16 + GradScaler; none = fp32)")
+    a("--workers", type=int, default=None, help="DataLoader workers (default 0 on the toy, else 4)")
+    a("--seed", type=int, default=0, help="seed for init, shuffling and augmentations (official: none)")
+    a("--eval-every", type=int, default=0,
+      help="validate every N epochs as well (official validates every epoch; 0 = only at the end)")
+    a("--resume", action="store_true", help="continue bit-exactly from --out/ckpt_last.pth")
+    a("--eval-only", action="store_true", help="only evaluate --ckpt (a finetuned checkpoint) on the val split")
+    return p.parse_args(argv)
+
+
+def paper_recipe(data_name, fraction, official_kitti_epochs=False):
+    """(epochs, warmup epochs, layer decay) of Supp. B.4 (official §6.4)."""
+    if fraction < 1.0:
+        epochs, decay = 45, 0.95  # Supp. B.4: "45 epochs ... 0.95 when using 1% and 10% of available data"
+    else:
+        epochs, decay = 25, 0.99  # Supp. B.4: "25 epochs and a layer decay parameter of 0.99" for 100 %
+        if official_kitti_epochs and data.label_space(data_name) == "semantic_kitti":
+            epochs = 10  # official KITTI 100 % config (official §6.4): 10 epochs, 1 warmup epoch
+    # Supp. B.4: warmup "during the first tenth of epochs" (official configs: 45 -> 4, 25 -> 2, 10 -> 1)
+    return epochs, epochs // 10, decay
+
+
+def toy_epochs(iters_per_epoch):
+    """Toy budget: ~TOY_ITERS iterations whatever the fraction (the toy world has 48 train scans: 10 % = 5 scans =
+    1 iteration per epoch), i.e. a few minutes for the toy WI-6-64 on 2 CPU cores, where one iteration of 5 scans
+    of ~13k points costs a few seconds. Pretrained and --scratch get the same number of updates. Chosen on cost,
+    never on val."""
+    return max(1, math.ceil(TOY_ITERS / max(1, iters_per_epoch)))
+
+
+def pct(fraction):
+    return f"{fraction * 100:g}%"
+
+
+def is_toy(args):
+    return args.data in ("toy", "toy_kitti")
+
+
+def default_out(args):
+    name = "runs/finetune" + ("" if args.data == "toy" else f"_{args.data}")
+    name += "" if args.fraction >= 1.0 else f"_{args.fraction * 100:g}pct"
+    return name + ("_scratch" if args.scratch else "")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: the labelled subset (1 % / 10 % / 100 %) and the val split.
+# ----------------------------------------------------------------------------------------------------------------
+def open_split(args, split):
+    """One labelled split; says clearly when it has no labels or no scan."""
+    kw = {"version": args.version} if args.version else {}
+    ds = data.get_dataset(args.data, root=args.root, split=split, **kw)
+    if not getattr(ds, "has_labels", True):
+        raise SystemExit(f"The {split} split of {args.data} (root {args.root}) has no labels (e.g. nuScenes "
+                         f"v1.0-test): finetuning needs labelled train and val scans. Use a labelled version, "
+                         f"e.g. --version v1.0-trainval.")
+    if len(ds) == 0:
+        raise SystemExit(f"The {split} split of {args.data} (root {args.root}) is empty: nothing to "
+                         f"{'train on' if split == 'train' else 'evaluate'}. Check --root / --version.")
+    return ds
+
+
+def training_subset(train_ds, fraction, subset_file=None, out_dir=None):
+    """Indices of the labelled scans (data.label_subset: official lists / KITTI every 100th file / documented rule).
+    Refuses a fraction whose subset would hold less than one scan, saying how many scans it would take."""
+    n = len(train_ds)
+    if subset_file is None and fraction < 1.0 and n * fraction < 1.0:
+        raise SystemExit(f"--fraction {fraction:g} of the {n} train scans of {train_ds.name} is {n * fraction:.2f} "
+                         f"scans: the subset would be empty. A {pct(fraction)} subset needs at least "
+                         f"{math.ceil(1 / fraction)} train scans; with {n} scans use --fraction >= {1 / n:.3g}.")
+    try:
+        return data.label_subset(train_ds, fraction, subset_file=subset_file, out_dir=out_dir if wi.is_main() else None)
+    except ValueError as err:  # e.g. no entry of --subset-file matches a scan of this split
+        raise SystemExit(f"label subset: {err}") from None
+
+
+def fit_batch_size(batch_size, num_scans, world):
+    """Official drop_last=True (§6.1): a subset smaller than one global batch gives no step at all. Shrink the
+    batch to the largest multiple of the number of processes that fits (printed), or explain what to do."""
+    if num_scans >= batch_size:
+        return batch_size
+    fitted = num_scans - num_scans % world
+    if fitted < world:
+        raise SystemExit(f"the labelled subset has {num_scans} scans, fewer than the {world} processes: use a "
+                         f"larger --fraction or fewer GPUs")
+    wi.print0(f"NOTE: the labelled subset has {num_scans} scans < --batch-size {batch_size}; using batch {fitted}")
+    return fitted
+
+
+def segmentation_loader(ds, cfg, args, train, subset=None):
+    """make_loader over SegmentationDataset: global batch split over ranks, shuffle + drop_last for training
+    (official §6.1), every val scan exactly once (no DistributedSampler padding)."""
+    seg = data.SegmentationDataset(ds, cfg, train=train, subset=subset)
+    return wi.make_loader(seg, args.batch_size, train=train, collate_fn=data.collate, seed=args.seed,
+                          workers=args.workers)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model: strict load of the pretrain-shaped network, stochastic depth, downstream head (official §7, §4.2, §4.4).
+# ----------------------------------------------------------------------------------------------------------------
+def latest_distill_checkpoint(runs="runs"):
+    found = sorted(Path(runs).glob("distill*/model.pth"), key=lambda p: p.stat().st_mtime)
+    return str(found[-1]) if found else None
+
+
+def backbone_width(model):
+    """F, the backbone's output channels (the embedding's final 1x1 conv, official names)."""
+    return int(model.embed.final.weight.shape[0])
+
+
+def backbone_depth(model):
+    return len(model.waffleiron.channel_mix)
+
+
+def segmentation_classes(head):
+    """Number of classes of an official downstream head Sequential(BatchNorm1d, Conv1d), else None (a
+    distillation head: Conv1d(F -> 1024) or the ScaLR+ MLP)."""
+    if isinstance(head, nn.Sequential) and len(head) == 2 and isinstance(head[0], nn.BatchNorm1d) \
+            and isinstance(head[1], nn.Conv1d):
+        return int(head[1].out_channels)
+    return None
+
+
+def set_drop_path(model, rate):
+    """Stochastic depth with the SAME rate in every block (official §4.2, pitfall 12: no linear ramp over depth);
+    returns the rates of the 2L residual branches, block by block (SpatialMix_i, ChannelMix_i)."""
+    rates = []
+    for spatial, channel in zip(model.waffleiron.spatial_mix, model.waffleiron.channel_mix):
+        for mix in (spatial, channel):
+            mix.drop_path.p = float(rate)  # waffleiron.DropPath: drops a whole scan's residual branch
+            rates.append(mix.drop_path.p)
+    model.config["drop_path"] = float(rate)
+    return rates
+
+
+def attach_segmentation_head(model, num_classes, ckpt):
+    """Official §7 step 4: the pretraining head is replaced by BN + zero-init Conv1d(F -> K) (§4.4). A checkpoint
+    that already has a K-class segmentation head (e.g. probe.py's or ours) keeps it; one with another class count
+    is re-initialised with a WARNING, never silently kept."""
+    have = segmentation_classes(model.classif)
+    if have == num_classes:
+        wi.print0(f"keeping the {have}-class segmentation head of {ckpt}")
+        return model
+    if have is not None:
+        msg = (f"WARNING: the segmentation head of {ckpt} has {have} classes but the dataset has {num_classes}: "
+               f"the head is RE-INITIALISED (BN + zero-init Conv1d, official §4.4); only the backbone is reused")
+        warnings.warn(msg, HeadReinitialisedWarning, stacklevel=2)
+        wi.print0(msg)
+    else:
+        wi.print0(f"official §7: pretraining head of {ckpt} discarded -> BatchNorm1d({backbone_width(model)}) + "
+                  f"zero-init Conv1d({backbone_width(model)} -> {num_classes})")
+    model.set_head(wi.seg_head(backbone_width(model), num_classes))
+    return model
+
+
+def resolve_checkpoint(args):
+    """--ckpt, else the newest distill.py output; clear messages when missing."""
+    ckpt = args.ckpt or latest_distill_checkpoint()
+    if ckpt is not None and not Path(ckpt).is_file():
+        raise SystemExit(f"Checkpoint not found: {ckpt}. Run `python distill.py` first, pass --ckpt PATH, or use "
+                         f"--scratch for the no-pretraining baseline.")
+    if ckpt is None and not args.scratch:
+        raise SystemExit("No checkpoint: none given with --ckpt and no runs/distill*/model.pth found. Run "
+                         "`python distill.py` first, pass --ckpt PATH, or use --scratch.")
+    return ckpt
+
+
+def build_model(args, cfg, num_classes):
+    """Pretrained (or, with --scratch, randomly initialised) WaffleIron with drop path and the downstream head.
+    Returns (model, checkpoint whose weights are used or None, where the architecture came from)."""
+    ckpt = resolve_checkpoint(args)
+    if ckpt is not None and not args.scratch:
+        # official §7: strip 'module.', build the pretrain-shaped model, load_state_dict(strict=True)
+        model = wi.load_checkpoint(ckpt, grids=cfg.grids)
+        for flag, have in (("width", backbone_width(model)), ("depth", backbone_depth(model))):
+            want = getattr(args, flag)
+            if want is not None and want != have:
+                raise SystemExit(f"Checkpoint {ckpt} has {flag} {have} but --{flag} {want} was asked: drop "
+                                 f"--{flag} or pass a checkpoint of {flag} {want}.")
+        model = attach_segmentation_head(model, num_classes, ckpt)
+        arch_from = ckpt
+    else:
+        if ckpt is not None:  # --scratch: the architecture of the checkpoint, none of its weights
+            shape = wi.load_checkpoint(ckpt, grids=cfg.grids)
+            width, depth = backbone_width(shape), backbone_depth(shape)
+            arch_from = f"the architecture of {ckpt}"
+        else:
+            width, depth = TOY_ARCH if is_toy(args) else PAPER_ARCH
+            width, depth = args.width or width, args.depth or depth
+            arch_from = f"--width {width} --depth {depth}"
+        torch.manual_seed(args.seed)
+        model = wi.WaffleIron(input_channels=5, feat_channels=width, depth=depth, nb_class=num_classes,
+                              grids=cfg.grids, layer_norm=True, drop_path=args.drop_path)
+        model.set_head(wi.seg_head(width, num_classes))  # official §4.4 head, also for the baseline
+    set_drop_path(model, args.drop_path)
+    return model, (None if args.scratch else ckpt), arch_from
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation and results (official §5.3, §8): a thin layer over waffleiron.evaluate, shared with eval_robust.py.
+# ----------------------------------------------------------------------------------------------------------------
+def evaluate_split(model, ds, cfg, args, device):
+    """(K, K) confusion matrix over every original point of `ds` (val preprocessing: deterministic voxel point, no
+    point limit, 1-NN upsampling; official §8), summed over DDP ranks by waffleiron.evaluate."""
+    subset = list(range(min(len(ds), args.val_scans))) if args.val_scans else None
+    loader = segmentation_loader(ds, cfg, args, train=False, subset=subset)
+    return wi.evaluate(model, loader, len(ds.class_names), device, amp=args.amp)
+
+
+def summarise(cm, class_names):
+    """Per-class IoU in % (None where the class is absent from GT and predictions, official §5.3), mIoU (nanmean, %),
+    oAcc and mAcc in %."""
+    cm = np.asarray(cm, dtype=np.int64)
+    iou = np.asarray(data.per_class_iou(cm), dtype=np.float64) * 100
+    miou = float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan")
+    gt = cm.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        macc = float(np.nanmean(np.where(gt > 0, np.diag(cm) / gt, np.nan)) * 100) if (gt > 0).any() else float("nan")
+    oacc = float(np.trace(cm) / cm.sum() * 100) if cm.sum() else float("nan")
+    per_class = {n: (float(v) if np.isfinite(v) else None) for n, v in zip(class_names, iou)}
+    return {"miou": miou, "per_class": per_class, "oacc": oacc, "macc": macc}
+
+
+def write_results(out, cm, class_names, ckpt, data_name, fraction, title, extra=None):
+    """Prints the per-class table and the final line `mIoU: X`; writes results.json and per_class_iou.png."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    res = summarise(cm, class_names)
+    res.update({"ckpt": None if ckpt is None else str(ckpt), "data": data_name, "fraction": fraction,
+                **(extra or {}), "confusion_matrix": np.asarray(cm).tolist()})
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in res.items()}
+    tmp = out / ".results.json.tmp"
+    tmp.write_text(json.dumps(clean, indent=1))
+    os.replace(tmp, out / "results.json")
+    plot_per_class(res["per_class"], out / "per_class_iou.png", f"{title}, mIoU {res['miou']:.1f}%")
+    print(f"{'class':<22}{'IoU %':>8}")
+    for name, v in res["per_class"].items():
+        print(f"{name:<22}{'nan' if v is None else f'{v:.1f}':>8}")
+    print(f"oAcc: {res['oacc']:.1f}  mAcc: {res['macc']:.1f}")
+    print(f"mIoU: {res['miou']:.1f}", flush=True)
+    return res
+
+
+def plot_per_class(per_class, path, title):
+    """Per-class IoU bar chart (%), one bar per class of the label space ('n/a' = absent from GT and predictions)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = list(per_class)
+    vals = [np.nan if v is None else v for v in per_class.values()]
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(names)), 4))
+    bars = ax.bar(range(len(names)), np.nan_to_num(vals), color="tab:green")
+    for bar, v in zip(bars, vals):
+        ax.text(bar.get_x() + bar.get_width() / 2, (0 if np.isnan(v) else v) + 1,
+                "n/a" if np.isnan(v) else f"{v:.0f}", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right")
+    ax.set(ylabel="IoU (%)", ylim=(0, 100))
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
+    fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def eval_only(args, device):
+    """--eval-only: a finetuned checkpoint (ours: {'net', 'config'}; released ScaLR: 'net' with 'module.') on val."""
+    if args.ckpt is None or not Path(args.ckpt).is_file():
+        raise SystemExit(f"--eval-only needs --ckpt PATH of a finetuned checkpoint; not found: {args.ckpt}")
+    cfg = data.grid_config(args.data, "finetune")
+    val_ds = open_split(args, "val")
+    names = list(val_ds.class_names)
+    model = wi.load_checkpoint(args.ckpt, grids=cfg.grids)
+    have = segmentation_classes(model.classif)
+    if have is None:
+        raise SystemExit(f"{args.ckpt} has no segmentation head (a pretraining checkpoint?): finetune it first "
+                         f"(python finetune.py --ckpt {args.ckpt}) or probe it (probe.py).")
+    if have != len(names):
+        raise SystemExit(f"{args.ckpt} predicts {have} classes but {args.data} has {len(names)} "
+                         f"({data.label_space(args.data)}): evaluate it on the dataset it was finetuned on.")
+    t0 = time.time()
+    cm = evaluate_split(model.to(device), val_ds, cfg, args, device)
+    if wi.is_main():
+        print(f"evaluated {len(val_ds)} val scans in {time.time() - t0:.0f}s")
+        config = load_config(args.ckpt)
+        write_results(args.out, cm, names, args.ckpt, args.data, config.get("fraction"),
+                      f"{args.data}: finetuned checkpoint", extra={"eval_only": True})
+
+
+def load_config(path):
+    """The 'config' entry of one of our checkpoints ({} for a released one)."""
+    try:
+        return dict(torch.load(path, map_location="cpu", weights_only=True).get("config", {}) or {})
+    except Exception:  # released checkpoints may hold objects weights_only refuses: no config then
+        return {}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training loop (Supp. B.4) with atomic checkpoints and bit-exact --resume.
+# ----------------------------------------------------------------------------------------------------------------
+RESUME_KEYS = ("data", "fraction", "ckpt", "scratch", "width", "depth", "epochs", "batch_size", "lr", "layer_decay",
+               "drop_path", "seed", "num_train_scans", "max_points")
+
+
+def finetune_config(args, model, ckpt, class_names, num_train_scans):
+    return {"stage": "finetune", "data": args.data, "fraction": args.fraction, "ckpt": ckpt, "scratch": args.scratch,
+            "width": backbone_width(model), "depth": backbone_depth(model), "num_classes": len(class_names),
+            "class_names": list(class_names), "num_train_scans": num_train_scans, "epochs": args.epochs,
+            "warmup_epochs": args.warmup_epochs, "batch_size": args.batch_size, "lr": args.lr,
+            "layer_decay": args.layer_decay, "drop_path": args.drop_path, "seed": args.seed,
+            "max_points": args.max_points,
+            "model": dict(model.config),  # WaffleIron constructor arguments (read back by load_checkpoint)
+            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+
+
+def check_resume_compatible(path, st, config):
+    old = st.get("config", {}) or {}
+    for key in RESUME_KEYS:
+        if old.get(key) != config[key]:
+            raise SystemExit(f"--resume: {path} was finetuning with {key}={old.get(key)!r}, this run has "
+                             f"{config[key]!r}. Resume with the same flags, or use another --out.")
+
+
+def train_step(net, batch, opt, sched, scaler, device, amp, it):
+    """One iteration on a collated batch; returns (loss, {'ce', 'lovasz'})."""
+    inputs = [batch[k].to(device, non_blocking=True) for k in ("feat", "cells", "neighbors", "occupied")]
+    labels = batch["labels"].to(device)  # (ΣM,) kept points of every scan, concatenated
+    with wi.autocast_context(device, amp):
+        out = net(*inputs)  # (B, K, Nmax)
+    logits = wi.unpad_points(out, batch["num_points"])  # (ΣM, K), the order of `labels`
+    # official §5.2: CE (ignore 255) + 1.0 * Lovász-softmax
+    loss, parts = wi.seg_loss(logits, labels, return_parts=True)
+    wi.check_finite(loss, it)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    sched.step()  # official §6.1: stepped every iteration
+    return loss, parts
+
+
+def make_optimizer(model, args, iters_per_epoch):
+    """AdamW over layer-decay groups (Supp. B.4, official §6.4) + per-iteration warmup-cosine LambdaLR (§6.1)."""
+    groups = wi.layer_decay_param_groups(model, args.lr, args.layer_decay, args.weight_decay)
+    opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
+    # Supp. B.4: LR 0 -> lr during the first tenth of the epochs, then cosine to min_lr (= 0)
+    sched = wi.make_scheduler(opt, warmup_iters=round(args.warmup_epochs * iters_per_epoch),
+                              total_iters=args.epochs * iters_per_epoch, min_lr=args.min_lr, base_lr=args.lr)
+    return opt, sched
+
+
+def train(args, model, train_loader, val_ds, cfg, config, device, out):
+    """Finetunes the whole network; returns the number of iterations done."""
+    net = wi.wrap_ddp(model, device)
+    ipe = len(train_loader)
+    opt, sched = make_optimizer(model, args, ipe)
+    scaler = wi.make_grad_scaler(args.amp, device)
+    total, it = args.epochs * ipe, 0
+    if args.resume:
+        st = wi.load_training_checkpoint(out / "ckpt_last.pth")
+        check_resume_compatible(out / "ckpt_last.pth", st, config)
+        _, it = wi.restore_training_state(st, model, opt, sched, scaler, model_key="net")
+        wi.print0(f"resumed from {out / 'ckpt_last.pth'} at iteration {it} (epoch {it // ipe}, batch {it % ipe})")
+    log = wi.CSVLog(out / "log.csv", ["epoch", "iteration", "lr", "loss", "ce", "lovasz", "val_miou"],
+                    resume_iteration=it if args.resume else None)
+    stop = min(total, args.max_iters) if args.max_iters else total
+    bar = tqdm(total=stop, initial=it, desc="finetune", disable=not wi.is_main())
+    while it < stop:
+        epoch, done = divmod(it, ipe)
+        wi.set_epoch(train_loader, epoch, batches_done=done)  # mid-epoch resume skips the batches already seen
+        net.train()
+        for batch in train_loader:
+            loss, parts = train_step(net, batch, opt, sched, scaler, device, args.amp, it)
+            it += 1
+            head_lr = opt.param_groups[-1]["lr"]  # the head group (layer id L + 1, scale 1)
+            bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}", lr=f"{head_lr:.2e}")
+            loss = wi.all_reduce_mean(loss.detach())  # the loss of the global batch (rank 0 logs it)
+            log.log(epoch=epoch, iteration=it, lr=head_lr, loss=loss.item(), **parts)
+            if it >= stop:
+                break
+        state = wi.training_state(model, opt, sched, scaler, it // ipe, it, model_key="net", config=config)
+        if wi.is_main():  # after every epoch and when stopping early (--max-iters): atomic
+            wi.save_checkpoint(out / "ckpt_last.pth", **state)
+        if args.eval_every and it % ipe == 0 and (it // ipe) % args.eval_every == 0 and it < total:
+            miou = summarise(evaluate_split(model, val_ds, cfg, args, device), config["class_names"])["miou"]
+            log.log(epoch=epoch, iteration=it, val_miou=miou)
+            wi.print0(f"epoch {epoch + 1}: val mIoU {miou:.1f}")
+    bar.close()
+    return it
+
+
+def resolve_budget(args, num_train_scans, world):
+    """Supp. B.4 recipe (or the toy budget), printed in one line."""
+    epochs, warmup, decay = paper_recipe(args.data, args.fraction, args.official_kitti_epochs)
+    args.layer_decay = decay if args.layer_decay is None else args.layer_decay
+    args.batch_size = fit_batch_size(args.batch_size, num_train_scans, world)
+    ipe = num_train_scans // args.batch_size  # drop_last=True
+    source = "Supp. B.4"
+    if args.epochs is None:
+        args.epochs = toy_epochs(ipe) if is_toy(args) else epochs
+        source = f"toy budget ~{TOY_ITERS} iterations" if is_toy(args) else source
+    if args.warmup_epochs is None:
+        # Supp. B.4: "during the first tenth of epochs" (official configs round down: 4 of 45, 2 of 25, 1 of 10);
+        # the toy's few epochs keep the exact tenth (a fraction of an epoch, counted in iterations)
+        args.warmup_epochs = args.epochs / 10 if is_toy(args) else args.epochs // 10
+    wi.print0(f"budget ({source}): {args.epochs} epochs x {ipe} it = {args.epochs * ipe} iterations, warmup "
+              f"{args.warmup_epochs:g} epochs = {round(args.warmup_epochs * ipe)} it, batch {args.batch_size}, lr "
+              f"{args.lr} -> {args.min_lr}, layer decay {args.layer_decay}, drop path {args.drop_path}, wd "
+              f"{args.weight_decay}, amp {args.amp}"
+              + (f"; stopping after {args.max_iters} iterations (--max-iters)" if args.max_iters else ""))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.workers is None:
+        args.workers = 0 if is_toy(args) else 4
+    if args.out is None:
+        args.out = default_out(args) if not args.eval_only else str(Path(args.ckpt or ".").parent / "eval")
+    rank, world, device = wi.ddp_setup()
+    if args.eval_only:
+        eval_only(args, device)
+        return wi.ddp_cleanup()
+    out = Path(args.out)
+    cfg = data.grid_config(args.data, "finetune")
+    if args.max_points is not None:
+        cfg.max_points = args.max_points
+    train_ds, val_ds = open_split(args, "train"), open_split(args, "val")
+    class_names = list(val_ds.class_names)
+    subset = training_subset(train_ds, args.fraction, args.subset_file, out)
+    wi.print0(f"label subset: {len(subset)} of {len(train_ds)} {args.data} train scans ({pct(args.fraction)} "
+              f"requested); {len(val_ds)} val scans; {len(class_names)} classes")
+    resolve_budget(args, len(subset), world)
+    model, ckpt, arch_from = build_model(args, cfg, len(class_names))
+    model = model.to(device)
+    wi.seed_everything(args.seed + rank)  # after the init: ranks draw different augmentations (train RNG streams)
+    wi.print0(f"WI-{backbone_depth(model)}-{backbone_width(model)} "
+              f"({'random init, ' + arch_from if args.scratch else 'weights of ' + str(ckpt)})")
+    config = finetune_config(args, model, ckpt, class_names, len(subset))
+    if wi.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(config, indent=1, default=str))
+    t0 = time.time()
+    train_loader = segmentation_loader(train_ds, cfg, args, train=True, subset=subset)
+    iters = train(args, model, train_loader, val_ds, cfg, config, device, out)
+    cm = evaluate_split(model, val_ds, cfg, args, device)
+    if wi.is_main():
+        wi.save_checkpoint(out / "model.pth", net=wi.official_state_dict(model), config=config)
+        wi.plot_log(out / "log.csv", out / "loss.png", ["loss", "ce", "lovasz", "lr"],
+                    title=f"finetuning, {args.data}, {pct(args.fraction)} labels")
+        print(f"finetuning took {time.time() - t0:.0f}s ({iters} iterations); outputs in {out}")
+        title = f"{args.data}: finetuning on {pct(args.fraction)} labels ({'scratch' if args.scratch else ckpt})"
+        write_results(out, cm, class_names, ckpt, args.data, args.fraction, title,
+                      extra={"scratch": args.scratch, "num_train_scans": len(subset), "iterations": iters})
+    wi.ddp_cleanup()
+
+
+if __name__ == "__main__":
+    main()

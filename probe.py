@@ -1,1 +1,764 @@
-"""probe.py — being written."""
+"""probe.py — linear probing of a frozen WaffleIron (ScaLR, CVPR 2024, Supp. B.3) and the feature pictures of
+Appendix C (Fig. 2: PCA colours; Fig. 3: similarity to a class prototype).
+
+Linear probing is the paper's main measure of feature quality. The pretrained backbone is frozen (eval mode, no
+gradient, BatchNorm running statistics untouched); its distillation head is replaced by the downstream head
+BatchNorm1d(F) + zero-initialised Conv1d(F -> K) (official.md §4.4), trained with CE + Lovász (§5.2) and the
+official desynchronised augmentations (§3.3); the mIoU is computed on every original point of the val split
+through 1-NN upsampling (§8, §5.3).
+
+    python distill.py && python probe.py                 # toy world: distil, then probe (minutes on 2 CPU cores)
+    python probe.py --random-init                        # the no-pretraining baseline (same architecture)
+    python probe.py --figures runs/figs --figures-only   # Supp. Fig. 2 and 3 for the newest distilled checkpoint
+    python probe.py --data nuscenes --root /data/nuscenes --ckpt runs/distill/model.pth --amp fp16 --figures figs
+    torchrun --nproc_per_node 4 probe.py --data semantic_kitti --root /data/semantic_kitti --ckpt model.pth
+
+Outputs in --out: results.json, per_class_iou.png, log.csv, loss.png, model.pth ({'net', 'config'}: the whole
+network with its probe head, official tensor names, readable by waffleiron.load_checkpoint), ckpt_last.pth
+(everything --resume needs). The last line printed is `mIoU: X` (%, official nanmean over classes).
+
+Toy world, defaults, busy 2-core CPU (about 8 min each): distilled WI-6-64 (distill.py toy defaults, which use a
+RANDOMLY initialised tiny teacher offline) 27.0 mIoU vs --random-init 25.3 mIoU. With a random teacher the
+student cannot inherit semantics, so the paper's gap needs real teacher weights (distill.py --teacher-weights).
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+import data
+import waffleiron as wi
+
+# Fig. 3 of the paper shows these four classes; the names they go by in each label space.
+FIG3_CLASSES = {"car": ("car",), "pedestrian": ("pedestrian", "person"),
+                "road": ("road", "driveable_surface"), "sidewalk": ("sidewalk",)}
+PROBE_DATASETS = [n for n in data.DATASET_NAMES if n != "merged"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line: every default cites where it comes from.
+# ----------------------------------------------------------------------------------------------------------------
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="toy", choices=PROBE_DATASETS,
+                   help="downstream dataset (CONTRACT: every stage defaults to the toy world)")
+    p.add_argument("--root", default=None, help="dataset root (default: data.get_dataset's, data/toy for the toy)")
+    p.add_argument("--version", default=None, help="nuScenes version, e.g. v1.0-trainval (data.get_dataset default)")
+    p.add_argument("--ckpt", default=None,
+                   help="distilled checkpoint (default: newest runs/distill*/model.pth written by distill.py)")
+    p.add_argument("--random-init", action="store_true",
+                   help="no-pretraining baseline: same architecture as --ckpt (or --width/--depth), fresh weights")
+    p.add_argument("--width", type=int, default=None,
+                   help="backbone width F; checked against the checkpoint; for --random-init without a checkpoint "
+                        "(paper WI-768: 768)")
+    p.add_argument("--depth", type=int, default=None,
+                   help="backbone depth L, same rules as --width (paper WI-48: 48)")
+    p.add_argument("--out", default=None, help="output folder (default runs/probe_<data>[_random])")
+    p.add_argument("--batch-size", type=int, default=8, help="global batch size (Supp. B.3: 8)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (Supp. B.3: 0.001)")
+    p.add_argument("--min-lr", type=float, default=1e-5,
+                   help="final learning rate of the cosine (Supp. B.3: 1e-5; ScaLR+ uses 0)")
+    p.add_argument("--weight-decay", type=float, default=3e-3,
+                   help="AdamW weight decay, also on the head BN (Supp. B.3 and official §6.3: 3e-3)")
+    p.add_argument("--warmup-epochs", type=float, default=2, help="linear warmup from LR 0 (Supp. B.3: 2 epochs)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="training epochs (Supp. B.3: 20 nuScenes/SemanticKITTI, 50 PandaSet; toy: 300, see "
+                        "resolve_defaults)")
+    p.add_argument("--max-iters", type=int, default=None, help="stop after this many iterations (smoke tests)")
+    p.add_argument("--head-points", type=int, default=None,
+                   help="train the head on this many random points per scan and step (ours, for CPU speed; "
+                        "default: all kept points as Supp. B.3, 2048 on the toy)")
+    p.add_argument("--aug", default=None, action=argparse.BooleanOptionalAction,
+                   help="official downstream augmentations, official §3.3 (default on; off on the toy, where "
+                        "features are cached instead)")
+    p.add_argument("--cache-features", default="auto", choices=["auto", "none", "memory", "disk"],
+                   help="store the frozen trunk's features of every scan once (needs --no-aug) so later epochs only "
+                        "train the head; auto = memory on the toy, none elsewhere. Size ~ points x F x 2 bytes: fine "
+                        "for the toy or a small split, ~1 TB for all of nuScenes with WI-768 (ours, not official)")
+    p.add_argument("--cache-dtype", default="float16", choices=["float16", "float32"],
+                   help="dtype of cached features (float16 halves memory; ours, not in the paper)")
+    p.add_argument("--amp", default="none", choices=["none", "fp16", "bf16"],
+                   help="autocast for backbone and head (official README uses --fp16; none = fp32)")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default 0 on the toy, else 4)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's own; 1 on the toy, where the small head steps run "
+                        "5-8x faster single-threaded on a busy 2-core machine, measured)")
+    p.add_argument("--seed", type=int, default=0, help="seed for shuffling and augmentations (official: none)")
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="validate every N epochs as well (official validates every epoch; 0 = only at the end)")
+    p.add_argument("--unseen-as-nan", action="store_true",
+                   help="report classes never seen in training as NaN and drop them from the mIoU (issue 7 "
+                        "wording); default is the official metric §5.3, where a class with val points counts")
+    p.add_argument("--resume", action="store_true", help="continue from --out/ckpt_last.pth")
+    p.add_argument("--figures", default=None, help="write the Appendix C pictures (Fig. 2, Fig. 3) into this folder")
+    p.add_argument("--figure-scans", type=int, default=3, help="number of val scans pictured (Supp. C shows a few)")
+    p.add_argument("--figures-only", action="store_true", help="only draw --figures, no probing")
+    p.add_argument("--figure-center", action="store_true",
+                   help="Fig. 3: subtract each scan's mean feature before the cosine (ours; Supp. C does not)")
+    return p.parse_args(argv)
+
+
+def resolve_defaults(args):
+    """Fill the dataset-dependent defaults (Supp. B.3).
+
+    Toy worlds (never tuned on the val split): Supp. B.3's 20 nuScenes epochs are ~70k head steps (28,130 scans
+    / 8 x 20); the toy's 48 training scans give 6 steps per epoch, so 20 epochs are only 120 steps and leave the
+    zero-initialised head far from converged (training loss 3.71 -> 2.80 at the end, measured on the train split).
+    The toy therefore runs 300 epochs (1,800 steps; Adam moves a weight by at most ~lr per step, so ~1,000 steps
+    at 1e-3 are needed to reach O(1) weights), on 2,048 random points per scan and step. What makes it fast on
+    a CPU is --no-aug + --cache-features memory: the frozen trunk runs once per scan, epochs only train the head."""
+    toy = args.data in ("toy", "toy_kitti")
+    if args.epochs is None:
+        args.epochs = 300 if toy else (50 if args.data.startswith("pandaset") else 20)
+    if args.head_points is None and toy:
+        args.head_points = 2048
+    if args.threads is None and toy:
+        args.threads = 1
+    if args.aug is None:
+        args.aug = not toy
+    if args.cache_features == "auto":
+        args.cache_features = "memory" if (toy and not args.aug) else "none"
+    if args.cache_features != "none" and args.aug:
+        raise SystemExit("--cache-features needs --no-aug: with augmentations every epoch sees different features.")
+    if args.workers is None:
+        args.workers = 0 if toy else 4
+    if args.out is None:
+        args.out = f"runs/probe_{args.data}" + ("_random" if args.random_init else "")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: the two labelled splits.
+# ----------------------------------------------------------------------------------------------------------------
+def open_split(args, split):
+    """One labelled split; says clearly when it has no labels or no scan."""
+    kw = {"version": args.version} if args.version else {}
+    ds = data.get_dataset(args.data, root=args.root, split=split, **kw)
+    if not getattr(ds, "has_labels", True):
+        raise SystemExit(f"The {split} split of {args.data} (root {args.root}) has no labels (e.g. nuScenes "
+                         f"v1.0-test): linear probing needs labelled train and val scans. Use a labelled version, "
+                         f"e.g. --version v1.0-trainval.")
+    if len(ds) == 0:
+        raise SystemExit(f"The {split} split of {args.data} (root {args.root}) is empty: nothing to "
+                         f"{'train on' if split == 'train' else 'evaluate'}. Check --root / --version.")
+    return ds
+
+
+def ordered_loader(ds, cfg, batch_size, workers, indices):
+    """DataLoader over scans `indices` in order, val-style preprocessing (deterministic voxel point, no point limit,
+    no augmentation, 1-NN upsample index; official §3.3, §8)."""
+    seg = data.SegmentationDataset(ds, cfg, train=False, subset=indices)
+    return DataLoader(seg, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=data.collate)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model: frozen backbone + trainable segmentation head.
+# ----------------------------------------------------------------------------------------------------------------
+def latest_distill_checkpoint(runs="runs"):
+    found = sorted(Path(runs).glob("distill*/model.pth"), key=lambda p: p.stat().st_mtime)
+    return str(found[-1]) if found else None
+
+
+def backbone_width(model):
+    """F, the backbone's output channels (the embedding's final 1x1 conv, official names)."""
+    return int(model.embed.final.weight.shape[0])
+
+
+def backbone_depth(model):
+    return len(model.waffleiron.channel_mix)
+
+
+def reinitialise(model, seed):
+    """Fresh default PyTorch init of every layer (WaffleIron has no custom init, official §4.2), BN stats reset."""
+    torch.manual_seed(seed)
+    for m in model.modules():
+        if m is not model and hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    return model
+
+
+def build_model(args, cfg, num_classes):
+    """Backbone from the checkpoint (or a random one) with the official probe head; returns (model, checkpoint
+    whose weights are used or None, where the architecture came from)."""
+    ckpt = args.ckpt or latest_distill_checkpoint()
+    if ckpt is not None and not Path(ckpt).is_file():
+        raise SystemExit(f"Checkpoint not found: {ckpt}. Run `python distill.py` first, pass --ckpt PATH, or use "
+                         f"--random-init for the no-pretraining baseline.")
+    if ckpt is None and not args.random_init:
+        raise SystemExit("No checkpoint: none given with --ckpt and no runs/distill*/model.pth found. Run "
+                         "`python distill.py` first, pass --ckpt PATH, or use --random-init.")
+    if ckpt is not None:
+        model = wi.load_checkpoint(ckpt, grids=cfg.grids)
+        for flag, have in (("width", backbone_width(model)), ("depth", backbone_depth(model))):
+            want = getattr(args, flag)
+            if want is not None and want != have:
+                raise SystemExit(f"Checkpoint {ckpt} has {flag} {have} but --{flag} {want} was asked: drop "
+                                 f"--{flag} or pass a checkpoint of {flag} {want}.")
+        if args.random_init:
+            model = reinitialise(model, args.seed)
+    else:
+        width, depth = args.width or 768, args.depth or 48  # paper WI-48-768
+        torch.manual_seed(args.seed)
+        model = wi.WaffleIron(input_channels=5, feat_channels=width, depth=depth, nb_class=num_classes,
+                              grids=cfg.grids, layer_norm=True)
+    # official §4.4: the pretrained head is discarded; BN(F) + zero-init Conv1d(F -> K)
+    model.set_head(wi.seg_head(backbone_width(model), num_classes))
+    arch_from = ckpt if ckpt is not None else f"--width {backbone_width(model)} --depth {backbone_depth(model)}"
+    return model, (None if args.random_init else ckpt), arch_from
+
+
+def freeze_backbone(model):
+    """Official §4.4 (LP): every parameter except `classif` frozen; whole net in eval mode but the head's BN."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith("classif."))
+    model.eval()
+    model.classif.train()
+    return model
+
+
+def batch_features(model, batch, device, amp):
+    """Frozen trunk features of each scan of a collated batch: list of (F, M_b) float32 (padding dropped)."""
+    with torch.no_grad(), wi.autocast_context(device, amp):
+        feats = model.forward_features(batch["feat"].to(device), batch["cells"].to(device),
+                                       batch["neighbors"].to(device), batch["occupied"].to(device))  # (B, F, Nmax)
+    return [feats[b, :, :m].float() for b, m in enumerate(batch["num_points"].tolist())]
+
+
+def scan_records(model, batch, device, amp):
+    """Per scan: features (F, M), labels (M,) of the kept points, and (if present) the eval upsample index (N,) and
+    the original labels (N,)."""
+    feats = batch_features(model, batch, device, amp)
+    sizes = batch["num_points"].tolist()
+    labels = torch.split(batch["labels"], sizes) if "labels" in batch else [None] * len(sizes)
+    recs = []
+    for b, f in enumerate(feats):
+        rec = {"feats": f, "labels": labels[b]}
+        if "upsample" in batch:
+            rec["upsample"] = batch["upsample"][b]
+        if "orig_labels" in batch:
+            rec["orig_labels"] = batch["orig_labels"][b]
+        recs.append(rec)
+    return recs
+
+
+def head_logits(head, feats_list, device, amp):
+    """Head on the real points of a batch: features concatenated to (1, F, ΣM) -> logits (ΣM, K) float32.
+    (Official feeds the padded (B, F, Nmax) map, so padding enters the head BN statistics, official §11.10; we
+    drop it so that cached and live features give the very same statistics.)"""
+    x = torch.cat([f.to(device).float() for f in feats_list], dim=1)[None]  # (1, F, ΣM)
+    with wi.autocast_context(device, amp):
+        out = head(x)  # (1, K, ΣM)
+    return out[0].float().T  # (ΣM, K)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Feature cache (--cache-features): the frozen trunk gives the same features every epoch when augmentations are off.
+# ----------------------------------------------------------------------------------------------------------------
+class FeatureCache:
+    """Scan records of one split kept in memory or as .npz files under `folder`: features (F, M) in `dtype`,
+    labels as uint8 (0..K-1 and IGNORE = 255 fit), the upsample index as int64."""
+
+    def __init__(self, mode, folder, dtype="float16", keep=("feats", "labels", "upsample", "orig_labels")):
+        self.mode, self.folder, self.dtype, self.keep = mode, Path(folder), getattr(np, dtype), keep
+        self.store = {}
+        if mode == "disk":
+            self.folder.mkdir(parents=True, exist_ok=True)
+
+    def put(self, key, rec):
+        kinds = {"feats": self.dtype, "labels": np.uint8, "orig_labels": np.uint8, "upsample": np.int64}
+        arrays = {k: np.asarray(rec[k].cpu().numpy(), dtype=kinds[k]) for k in self.keep}
+        if self.mode == "memory":
+            self.store[key] = arrays
+        else:
+            path = self.folder / f"{key}.npz"
+            np.savez(str(path) + ".tmp.npz", **arrays)  # written aside, then renamed
+            os.replace(str(path) + ".tmp.npz", path)
+            self.store[key] = path
+
+    def get(self, key):
+        item = self.store[key]
+        arrays = dict(np.load(item)) if self.mode == "disk" else item
+        return {k: torch.from_numpy(v.astype(np.float32 if k == "feats" else np.int64)) for k, v in arrays.items()}
+
+    def keys(self):
+        return list(self.store)
+
+    def nbytes(self):
+        if self.mode == "disk":
+            return sum(p.stat().st_size for p in self.store.values())
+        return sum(a.nbytes for rec in self.store.values() for a in rec.values())
+
+
+def fill_cache(cache, model, loader, indices, device, amp, desc):
+    """One pass of the frozen trunk over a split; `indices` = dataset index of each loader item, in order."""
+    it = iter(indices)
+    for batch in tqdm(loader, desc=desc, disable=not wi.is_main()):
+        for rec in scan_records(model, batch, device, amp):
+            cache.put(next(it), rec)
+    return cache
+
+
+def cached_epoch_batches(keys, batch_size, epoch, seed):
+    """Shuffled batches of cache keys for one epoch (official drop_last)."""
+    order = np.random.default_rng([seed, epoch]).permutation(len(keys))
+    n = len(keys) // batch_size
+    return [[keys[j] for j in order[i * batch_size:(i + 1) * batch_size]] for i in range(n)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation and results (official §5.3, §8).
+# ----------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def confusion_of_records(head, records, num_classes, device, amp):
+    """Confusion matrix on ALL original points: logits of the kept points copied by the 1-NN upsample index."""
+    head.eval()
+    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
+    for rec in records:
+        logits = head_logits(head, [rec["feats"]], device, amp)  # (M, K)
+        pred = logits.argmax(1).cpu()[rec["upsample"]]  # (N,)
+        cm += np.asarray(data.confusion_matrix(rec["orig_labels"].numpy(), pred.numpy(), num_classes))
+    return cm
+
+
+def summarise(cm, class_names, train_counts=None, unseen_as_nan=False):
+    """Per-class IoU (%) with NaN for classes absent from GT and predictions (official §5.3), the mIoU (nanmean,
+    %), oAcc and mAcc. Classes never seen in training are listed; with unseen_as_nan they become NaN too."""
+    cm = np.asarray(cm, dtype=np.int64)
+    iou = np.asarray(data.per_class_iou(cm), dtype=np.float64) * 100
+    unseen = [] if train_counts is None else [n for n, c in zip(class_names, train_counts) if c == 0]
+    if unseen_as_nan and train_counts is not None:
+        iou[np.asarray(train_counts) == 0] = np.nan
+    miou = float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan")
+    total, gt = cm.sum(), cm.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        macc = float(np.nanmean(np.where(gt > 0, np.diag(cm) / gt, np.nan)) * 100) if (gt > 0).any() else float("nan")
+    oacc = float(np.trace(cm) / total * 100) if total else float("nan")
+    per_class = {n: (None if not np.isfinite(v) else float(v)) for n, v in zip(class_names, iou)}
+    return {"miou": miou, "per_class": per_class, "oacc": oacc, "macc": macc, "unseen_in_train": unseen}
+
+
+def write_results(out, cm, class_names, ckpt, data_name, train_counts=None, unseen_as_nan=False, extra=None):
+    """Prints the per-class table and `mIoU: X`; writes results.json and per_class_iou.png into `out`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    res = summarise(cm, class_names, train_counts, unseen_as_nan)
+    res.update({"ckpt": ckpt, "data": data_name, **(extra or {})})
+    res["confusion_matrix"] = np.asarray(cm).tolist()
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                               for k, v in res.items()}, indent=1))
+    os.replace(tmp, out / "results.json")
+    plot_per_class(res["per_class"], out / "per_class_iou.png", f"{data_name}: linear probing, mIoU "
+                   f"{res['miou']:.1f}%\n{ckpt or 'random init'}")
+    print(f"{'class':<22}{'IoU %':>8}")
+    for name, v in res["per_class"].items():
+        note = "  (never in train)" if name in res["unseen_in_train"] else ""
+        print(f"{name:<22}{'nan' if v is None else f'{v:.1f}':>8}{note}")
+    print(f"oAcc: {res['oacc']:.1f}  mAcc: {res['macc']:.1f}")
+    print(f"mIoU: {res['miou']:.1f}")
+    return res
+
+
+def plot_per_class(per_class, path, title):
+    """Per-class IoU bar chart (%), one bar per class of the label space."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = list(per_class)
+    vals = [np.nan if v is None else v for v in per_class.values()]
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(names)), 4))
+    bars = ax.bar(range(len(names)), np.nan_to_num(vals), color="tab:blue")
+    for bar, v in zip(bars, vals):  # value on top; NaN = class absent from GT and predictions (official §5.3)
+        ax.text(bar.get_x() + bar.get_width() / 2, (0 if np.isnan(v) else v) + 1, "n/a" if np.isnan(v) else
+                f"{v:.0f}", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right")
+    ax.set_ylabel("IoU (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Where the head's inputs come from: the frozen trunk on every batch (live) or the feature cache.
+# ----------------------------------------------------------------------------------------------------------------
+class LiveFeatures:
+    """Runs the frozen trunk on every batch (needed with augmentations, official §3.3)."""
+
+    def __init__(self, model, ds, cfg, args, device, train):
+        self.model, self.device, self.amp = model, device, args.amp
+        seg = data.SegmentationDataset(ds, cfg, train=train and args.aug)
+        # official §6.1: global batch split over ranks, shuffle + drop_last for training; val: every scan once
+        self.loader = wi.make_loader(seg, args.batch_size, train=train, collate_fn=data.collate, seed=args.seed,
+                                     workers=args.workers)
+
+    @property
+    def iters_per_epoch(self):
+        return len(self.loader)
+
+    def epoch(self, epoch):
+        """Yields (list of (F, M_b) features, (ΣM,) labels) for one shuffled epoch."""
+        wi.set_epoch(self.loader, epoch)
+        for batch in self.loader:
+            yield batch_features(self.model, batch, self.device, self.amp), batch["labels"]
+
+    def records(self):
+        for batch in self.loader:
+            yield from scan_records(self.model, batch, self.device, self.amp)
+
+
+class CachedFeatures:
+    """Trunk features computed once (--no-aug): later epochs cost only the head."""
+
+    def __init__(self, model, ds, cfg, args, device, train, folder):
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        # this rank's scans: train trimmed so that every rank does the same number of steps, val every scan once
+        indices = list(wi.EpochSampler(len(ds), shuffle=False, rank=rank, world_size=world, drop_last=train))
+        self.batch_size, self.seed = args.batch_size // world, args.seed
+        if train and len(indices) < self.batch_size:
+            raise SystemExit(f"the training split has {len(ds)} scans, fewer than one batch of {args.batch_size} "
+                             f"(official drop_last): lower --batch-size or use more data")
+        keep = ("feats", "labels") if train else ("feats", "upsample", "orig_labels")
+        self.cache = FeatureCache(args.cache_features, Path(folder) / f"rank{rank}", args.cache_dtype, keep)
+        t0 = time.time()
+        if indices:  # a rank may hold no val scan when there are fewer scans than ranks
+            fill_cache(self.cache, model, ordered_loader(ds, cfg, self.batch_size, args.workers, indices),
+                       indices, device, args.amp, f"trunk features ({'train' if train else 'val'}, cached)")
+        if wi.is_main():
+            print(f"cached {len(indices)} scans ({self.cache.nbytes() / 2**20:.0f} MiB, {args.cache_features}) "
+                  f"in {time.time() - t0:.0f}s", flush=True)
+
+    @property
+    def iters_per_epoch(self):
+        return len(self.cache.keys()) // self.batch_size
+
+    def epoch(self, epoch):
+        for keys in cached_epoch_batches(self.cache.keys(), self.batch_size, epoch, self.seed):
+            recs = [self.cache.get(k) for k in keys]
+            yield [r["feats"] for r in recs], torch.cat([r["labels"] for r in recs])
+
+    def records(self):
+        for k in self.cache.keys():
+            yield self.cache.get(k)
+
+
+def feature_source(model, ds, cfg, args, device, train):
+    if args.cache_features == "none":
+        return LiveFeatures(model, ds, cfg, args, device, train)
+    folder = Path(args.out) / "feature_cache" / ("train" if train else "val")
+    if args.cache_features == "disk" and folder.exists():
+        shutil.rmtree(folder, ignore_errors=True)  # features of another checkpoint must never be reused
+    return CachedFeatures(model, ds, cfg, args, device, train, folder)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training loop (Supp. B.3) with atomic checkpoints and --resume.
+# ----------------------------------------------------------------------------------------------------------------
+def probe_config(args, model, ckpt, class_names):
+    return {"stage": "probe", "data": args.data, "ckpt": ckpt, "random_init": args.random_init,
+            "width": backbone_width(model), "depth": backbone_depth(model), "num_classes": len(class_names),
+            "class_names": list(class_names), "args": {k: v for k, v in vars(args).items()}}
+
+
+def check_resumable(path, config):
+    """--resume: ckpt_last.pth must exist and come from probing the same backbone on the same data (checked before
+    any feature is computed)."""
+    st = wi.load_training_checkpoint(path)
+    old = st.get("config", {})
+    for key in ("width", "depth", "ckpt", "random_init", "data", "num_classes"):
+        if old.get(key) != config[key]:
+            raise SystemExit(f"--resume: {path} was probing {key}={old.get(key)!r}, this run has {config[key]!r}. "
+                             f"Resume with the same --ckpt/--data, or use another --out.")
+    return st
+
+
+def resume_probe(path, model, opt, sched, scaler):
+    """Head, optimiser, scheduler, scaler and RNG states of ckpt_last.pth; returns (epoch, iteration, train
+    label counts)."""
+    st = wi.load_training_checkpoint(path)
+    epoch, it = wi.restore_training_state(st, model, opt, sched, scaler, model_key="net")
+    return epoch, it, np.asarray(st["train_counts"], dtype=np.int64)
+
+
+def subsample_points(feats_list, labels, n, rng):
+    """Keep n random points of each scan for this step (--head-points): the same CE + Lovász objective in
+    expectation at n/M of the cost. Ours, for the toy on a CPU; Supp. B.3 / official use every kept point."""
+    sizes = [f.shape[1] for f in feats_list]
+    kept_f, kept_l = [], []
+    for f, lab in zip(feats_list, torch.split(labels, sizes)):  # f (F, M), lab (M,)
+        if f.shape[1] > n:
+            idx = torch.from_numpy(np.sort(rng.choice(f.shape[1], n, replace=False)))
+            f, lab = f[:, idx], lab[idx]
+        kept_f.append(f)
+        kept_l.append(lab)
+    return kept_f, torch.cat(kept_l)
+
+
+def train_probe(args, model, train_src, val_src, config, device, out):
+    """Trains model.classif (the only trainable part) on the frozen trunk's features; returns the number of
+    labelled training points seen per class (summed over ranks)."""
+    head = model.classif
+    train_head = wi.wrap_ddp(head, device)  # DDP on the head only: the trunk has no gradient
+    opt = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=args.weight_decay)  # Supp. B.3
+    ipe = train_src.iters_per_epoch
+    # Supp. B.3: LR 0 -> lr over the warmup epochs, then cosine to min_lr, stepped every iteration (official §6.1)
+    sched = wi.make_scheduler(opt, warmup_iters=round(args.warmup_epochs * ipe), total_iters=args.epochs * ipe,
+                              min_lr=args.min_lr, base_lr=args.lr)
+    scaler = wi.make_grad_scaler(args.amp, device)
+    num_classes = config["num_classes"]
+    start_epoch, it, counts = 0, 0, np.zeros(num_classes, dtype=np.int64)
+    if args.resume:
+        start_epoch, it, counts = resume_probe(out / "ckpt_last.pth", model, opt, sched, scaler)
+        wi.print0(f"resumed from {out / 'ckpt_last.pth'} at epoch {start_epoch}, iteration {it}")
+    log = wi.CSVLog(out / "log.csv", ["epoch", "iteration", "lr", "loss", "ce", "lovasz", "val_miou"],
+                    resume_iteration=it if args.resume else None)
+    stop = args.max_iters if args.max_iters else args.epochs * ipe
+    wi.print0(f"budget: {args.epochs} epochs x {ipe} it = {args.epochs * ipe} iterations (warmup "
+              f"{round(args.warmup_epochs * ipe)}), batch {args.batch_size}, lr {args.lr} -> {args.min_lr}, wd "
+              f"{args.weight_decay}, aug {'on' if args.aug else 'off'}, features {args.cache_features}, points "
+              f"per scan {args.head_points or 'all'}"
+              + (f"; stopping after {stop} (--max-iters)" if stop < args.epochs * ipe else ""))
+    for epoch in range(start_epoch, args.epochs):
+        if it >= stop:
+            break
+        model.eval()
+        head.train()  # official §4.4: only the head (its BN) in train mode
+        bar = tqdm(train_src.epoch(epoch), total=ipe, desc=f"epoch {epoch + 1}/{args.epochs}",
+                   disable=not wi.is_main())
+        for feats_list, labels in bar:
+            valid = labels[labels != data.IGNORE].numpy()
+            counts += np.bincount(valid, minlength=num_classes)[:num_classes]  # before any point subsampling
+            if args.head_points:
+                feats_list, labels = subsample_points(feats_list, labels, args.head_points,
+                                                      np.random.default_rng([args.seed, it]))
+            labels = labels.to(device)
+            logits = head_logits(train_head, feats_list, device, args.amp)  # (ΣM, K)
+            loss, parts = wi.seg_loss(logits, labels, return_parts=True)  # official §5.2: CE + Lovász
+            wi.check_finite(loss, it)
+            lr = opt.param_groups[0]["lr"]  # the lr of this step (the first one is 0, official §6.1)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            it += 1
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
+            log.log(epoch=epoch, iteration=it, lr=lr, loss=loss.item(), **parts)
+            if it >= stop:
+                break
+        # (a --max-iters stop in mid-epoch counts that epoch as done: smoke runs only)
+        state = wi.training_state(model, opt, sched, scaler, epoch + 1, it, extra={"train_counts": counts.tolist()},
+                                  model_key="net", config=config)  # on every rank (it gathers RNG states)
+        if wi.is_main():
+            wi.save_checkpoint(out / "ckpt_last.pth", **state)
+        if args.eval_every and (epoch + 1) % args.eval_every == 0 and epoch + 1 < args.epochs and it < stop:
+            cm = wi.all_reduce_sum(confusion_of_records(head, val_src.records(), num_classes, device, args.amp))
+            miou = summarise(cm, config["class_names"])["miou"]
+            log.log(epoch=epoch, iteration=it, val_miou=miou)
+            wi.print0(f"epoch {epoch + 1}: val mIoU {miou:.1f}")
+    return wi.all_reduce_sum(counts)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Appendix C: Fig. 2 (PCA colours) and Fig. 3 (class-prototype similarity).
+# ----------------------------------------------------------------------------------------------------------------
+def pca_rgb(feats, q=0.01):
+    """(N, F) features -> (N, 3) float32 colours in [0, 1]: each point's coordinates on this scan's first 3
+    principal components (Supp. C, Fig. 2: PCA done independently per scan), each min-max scaled into [0, 1].
+    q: the min and max are the q and 1-q quantiles (values beyond are clipped), so that a few outlying points do
+    not squeeze every other colour into a narrow band; q=0 is the plain min-max."""
+    x = np.asarray(feats, dtype=np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"pca_rgb expects (N, F) features, got shape {x.shape}")
+    if len(x) == 0:
+        return np.zeros((0, 3), np.float32)
+    x = x - x.mean(0)
+    cov = x.T @ x / max(len(x) - 1, 1)  # (F, F): cheaper than an SVD of (N, F) when N >> F
+    _, vecs = np.linalg.eigh(cov)  # ascending eigenvalues
+    axes = vecs[:, ::-1][:, :3]  # (F, <=3) first principal axes
+    axes = axes * np.sign(axes[np.abs(axes).argmax(0), range(axes.shape[1])])  # deterministic sign
+    proj = x @ axes  # (N, <=3)
+    proj = np.pad(proj, ((0, 0), (0, 3 - proj.shape[1])))
+    lo, hi = np.quantile(proj, q, axis=0), np.quantile(proj, 1 - q, axis=0)
+    rgb = (proj - lo) / np.where(hi - lo > 1e-12, hi - lo, 1.0)
+    return np.clip(rgb, 0.0, 1.0).astype(np.float32)
+
+
+def prototype_similarity(feats, labels, cls, center=False):
+    """Cosine similarity (N,) of every point's l2-normalised feature to the class prototype = mean of the
+    l2-normalised features of the points labelled `cls` (Supp. C, Fig. 3). center=True first subtracts the scan's
+    mean feature (ours, --figure-center: a weak student's features can share one dominant direction, making every
+    cosine ~0.99)."""
+    f = torch.as_tensor(np.asarray(feats), dtype=torch.float64)
+    mask = torch.as_tensor(np.asarray(labels)) == cls
+    if not bool(mask.any()):
+        raise ValueError(f"class {cls} has no point in this scan: no prototype")
+    if center:
+        f = f - f.mean(0)
+    f = torch.nn.functional.normalize(f, dim=1)  # (N, F) unit features
+    proto = torch.nn.functional.normalize(f[mask].mean(0), dim=0)  # (F,) mean feature, then unit
+    return (f @ proto).numpy()  # (N,) in [-1, 1]
+
+
+def fig3_classes(class_names, labels):
+    """[(display name, class index)] of the Fig. 3 classes present in the label space and in this scan."""
+    present = set(np.unique(labels).tolist())
+    found = []
+    for shown, aliases in FIG3_CLASSES.items():
+        for a in aliases:
+            if a in class_names and class_names.index(a) in present:
+                found.append((f"{shown} ({a})" if a != shown else shown, class_names.index(a)))
+                break
+    return found
+
+
+def scan_point_features(model, seg, i, device, amp):
+    """Trunk features of every ORIGINAL point of scan i (1-NN upsampled from the kept points, official §3.8)."""
+    batch = data.collate([seg[i]])
+    f = batch_features(model, batch, device, amp)[0]  # (F, M)
+    return f.T[batch["upsample"][0]].cpu().numpy()  # (N, F)
+
+
+def _bev(ax, xy, colors, title, lim, **kw):
+    order = np.argsort(np.abs(xy).sum(1))[::-1]  # far points first, near ones drawn on top
+    sc = ax.scatter(xy[order, 0], xy[order, 1], c=colors[order], s=1.2, linewidths=0, **kw)
+    ax.set(xlim=(-lim, lim), ylim=(-lim, lim), title=title, xlabel="x (m)", ylabel="y (m)")
+    ax.set_aspect("equal")
+    return sc
+
+
+def _camera(ax, ds, i, cam, point_colors, title, **kw):
+    """Colours of the points seen by camera `cam` drawn over its image (ds.project, ds.image)."""
+    try:
+        proj, img = ds.project(i, cam), ds.image(i, cam)
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        ax.text(0.5, 0.5, f"no camera image:\n{e}", ha="center", va="center", fontsize=7, wrap=True)
+        ax.set_axis_off()
+        return None
+    ax.imshow(img, alpha=0.45)  # faded so that the point colours stand out
+    order = np.argsort(-proj["depth"])  # far first
+    idx, uv = proj["idx"][order], proj["uv"][order]
+    size = 6.0 * img.shape[1] / 1600  # marker area scaled with the image width (nuScenes: 1600 px)
+    sc = ax.scatter(uv[:, 0], uv[:, 1], c=point_colors[idx], s=max(size, 2.0), linewidths=0, **kw)
+    ax.set(xlim=(0, img.shape[1]), ylim=(img.shape[0], 0))
+    ax.set_title(title)
+    ax.set_axis_off()
+    return sc
+
+
+def draw_figures(model, ds, cfg, folder, n_scans, device, amp, center=False):
+    """Fig. 2 and Fig. 3 of the supplementary for `n_scans` evenly spread val scans; returns the PNG paths."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    seg = data.SegmentationDataset(ds, cfg, train=False)
+    cam = next((c for c in ds.cameras if "FRONT" in c.upper() and "LEFT" not in c.upper()
+                and "RIGHT" not in c.upper()), ds.cameras[0]) if ds.cameras else None
+    names, paths = list(ds.class_names), []
+    for i in np.unique(np.linspace(0, len(ds) - 1, n_scans).round().astype(int)).tolist():
+        feats = scan_point_features(model, seg, i, device, amp)  # (N, F)
+        xy, labels = ds.points(i)[:, :2], ds.labels(i)
+        lim = float(min(np.percentile(np.abs(xy), 98), 64)) + 1
+        sid = "".join(c if c.isalnum() or c in "-_" else "_" for c in ds.scan_id(i))
+        gt_col = plt.get_cmap("tab20")(np.where(labels == data.IGNORE, 19, labels % 19) / 19.0)
+        gt_col[labels == data.IGNORE] = (0.8, 0.8, 0.8, 1)
+        # Fig. 2: first 3 principal components of this scan's features as RGB
+        rgb = pca_rgb(feats)
+        fig, axes = plt.subplots(1, 3 if cam else 2, figsize=(18 if cam else 12, 6))
+        _bev(axes[0], xy, gt_col, "ground truth (class colours)", lim)
+        _bev(axes[1], xy, rgb, "features: 3 principal components as RGB", lim)
+        if cam:
+            _camera(axes[2], ds, i, cam, rgb, f"PCA colours over {cam}")
+        fig.suptitle(f"Supp. Fig. 2 — {ds.name} val scan {ds.scan_id(i)}")
+        fig.tight_layout(rect=(0, 0, 1, 0.95))
+        paths.append(folder / f"fig2_pca_{sid}.png")
+        fig.savefig(paths[-1], dpi=90, bbox_inches="tight")
+        plt.close(fig)
+        # Fig. 3: cosine similarity to each class prototype (blue -> red), next to the ground truth
+        classes = fig3_classes(names, labels)
+        if not classes:
+            continue
+        ncol = 3 if cam else 2
+        fig, axes = plt.subplots(len(classes), ncol, figsize=(6 * ncol, 5.5 * len(classes)), squeeze=False)
+        for row, (shown, k) in enumerate(classes):
+            sim = prototype_similarity(feats, labels, k, center=center)
+            mask_col = np.where((labels == k)[:, None], [[0.85, 0.1, 0.1, 1]], [[0.75, 0.75, 0.75, 1]])
+            _bev(axes[row, 0], xy, mask_col, f"ground truth: {shown} (red)", lim)
+            lo, hi = np.quantile(sim, [0.01, 0.99])  # colour range robust to a few outliers
+            kw = dict(cmap="jet", vmin=float(lo), vmax=float(hi))  # blue (dissimilar) -> red (similar)
+            sc = _bev(axes[row, 1], xy, sim, f"cosine similarity to the {shown} prototype", lim, **kw)
+            fig.colorbar(sc, ax=axes[row, 1], fraction=0.046)
+            if cam:
+                _camera(axes[row, 2], ds, i, cam, sim, f"similarity over {cam}", **kw)
+        fig.suptitle(f"Supp. Fig. 3 — {ds.name} val scan {ds.scan_id(i)}: cosine similarity of l2-normalised "
+                     f"features{' (centred per scan)' if center else ''} to each class prototype (mean feature of "
+                     f"its ground-truth points)")
+        fig.tight_layout(rect=(0, 0, 1, 1 - 0.04 / len(classes)))
+        paths.append(folder / f"fig3_prototypes_{sid}.png")
+        fig.savefig(paths[-1], dpi=80, bbox_inches="tight")
+        plt.close(fig)
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------------------
+def main(argv=None):
+    args = resolve_defaults(parse_args(argv))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rank, world, device = wi.ddp_setup()
+    wi.seed_everything(args.seed + rank)  # ranks draw different augmentations
+    cfg = data.grid_config(args.data, "probe")
+    train_ds, val_ds = open_split(args, "train"), open_split(args, "val")
+    class_names = list(val_ds.class_names)
+    model, ckpt, arch_from = build_model(args, cfg, len(class_names))
+    model = freeze_backbone(model.to(device))
+    wi.print0(f"backbone WI-{backbone_depth(model)}-{backbone_width(model)} "
+              f"({'random init, architecture of ' + arch_from if args.random_init else 'weights of ' + ckpt}); "
+              f"{args.data}: {len(train_ds)} train / {len(val_ds)} val scans, {len(class_names)} classes")
+    if args.figures and wi.is_main():
+        for p in draw_figures(model, val_ds, cfg, args.figures, args.figure_scans, device, args.amp,
+                              args.figure_center):
+            print(f"figure: {p}", flush=True)
+    if args.figures_only:
+        return wi.ddp_cleanup()
+    out = Path(args.out)
+    config = probe_config(args, model, ckpt, class_names)
+    if args.resume:
+        check_resumable(out / "ckpt_last.pth", config)
+    if wi.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(config, indent=1, default=str))
+    t0 = time.time()
+    train_src = feature_source(model, train_ds, cfg, args, device, train=True)
+    val_src = feature_source(model, val_ds, cfg, args, device, train=False)
+    counts = train_probe(args, model, train_src, val_src, config, device, out)
+    cm = wi.all_reduce_sum(confusion_of_records(model.classif, val_src.records(), len(class_names), device,
+                                                args.amp))
+    if wi.is_main():
+        wi.save_checkpoint(out / "model.pth", net=wi.official_state_dict(model), config=config)
+        wi.plot_log(out / "log.csv", out / "loss.png", ["loss", "ce", "lovasz"], title=f"linear probing, {args.data}")
+        print(f"probing took {time.time() - t0:.0f}s; outputs in {out}")
+        write_results(out, cm, class_names, ckpt, args.data, counts, args.unseen_as_nan)
+    wi.barrier()
+    if args.cache_features == "disk" and wi.is_main():
+        shutil.rmtree(out / "feature_cache", ignore_errors=True)  # only valid for this run's backbone
+    wi.ddp_cleanup()
+
+
+if __name__ == "__main__":
+    main()
