@@ -184,6 +184,7 @@ def projection_indices(cells, occupied, grids):
         offset = torch.arange(B, device=cells.device).view(B, 1) * (H * W)
         index = (cells[:, p] + offset).reshape(-1)                                # (B*N,)
         count = torch.zeros(B * H * W, device=cells.device).index_add_(0, index, occ)  # points per cell
+        # official.md §4.2: masked mean weight = occupied / (count + 1e-6), padded points weigh 0
         weight = occ / (count.index_select(0, index) + 1e-6)                      # (B*N,)
         planes.append(ProjectionIndex(index, weight, (int(H), int(W))))
     return planes
@@ -1355,6 +1356,124 @@ def plot_log(csv_path, png_path, y_keys, title=None, x_key='iteration'):
     plt.close(fig)
     os.replace(tmp, png_path)
     return png_path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What the downstream stages share: which checkpoint, which grid, the results report (probe.py, finetune.py)
+# ---------------------------------------------------------------------------------------------------------------
+def latest_distill_checkpoint(runs='runs'):
+    """Newest runs/distill*/model.pth written by distill.py (None if there is none)."""
+    found = sorted(Path(runs).glob('distill*/model.pth'), key=lambda p: p.stat().st_mtime)
+    return str(found[-1]) if found else None
+
+
+def backbone_width(model):
+    """F, the backbone's output channels (the embedding's final 1x1 conv, official names)."""
+    return int(unwrap(model).embed.final.weight.shape[0])
+
+
+def backbone_depth(model):
+    """L, the number of WaffleIron blocks."""
+    return len(unwrap(model).waffleiron.channel_mix)
+
+
+def checkpoint_config(path):
+    """The 'config' entry of one of our checkpoints ({} for a released one or an unreadable config)."""
+    try:
+        return dict(torch.load(path, map_location='cpu', weights_only=True).get('config', {}) or {})
+    except Exception:  # released checkpoints may hold objects weights_only refuses: no config then
+        return {}
+
+
+def stage_grid(dataset, stage, cell=None, k=None, ckpt=None):
+    """Grid of a stage: the stage's official FOV (data.grid_config, official §3.4) with the cell size and the kNN
+    k given by the flags, else those stored in `ckpt`'s config by distill.py (so a backbone is probed/finetuned
+    with the grid it was distilled with), else the official ones. Returns (GridConfig, one-line description)."""
+    import data  # lazy: waffleiron.py must not import data.py at module level
+    cfg = data.grid_config(dataset, stage)
+    stored = checkpoint_config(ckpt) if ckpt else {}
+    if 'cell' not in stored and stored.get('grids') and stored.get('fov_min') and stored.get('fov_max'):
+        stored['cell'] = (stored['fov_max'][0] - stored['fov_min'][0]) / stored['grids'][0][0]
+    used = {}
+    for name, flag in (('cell', cell), ('k', k)):
+        if flag is not None:
+            used[name] = (flag, 'flag')
+        elif stored.get(name) is not None:
+            used[name] = (stored[name], f'stored in {ckpt}')
+        else:
+            used[name] = (data.cell_size(cfg) if name == 'cell' else cfg.k, f'official {dataset} {stage} grid')
+    cfg = data.with_cell(cfg, cell=float(used['cell'][0]), k=int(used['k'][0]))
+    text = (f"grid: FOV {tuple(cfg.fov_min)}..{tuple(cfg.fov_max)} m, cell {used['cell'][0]:g} m "
+            f"({used['cell'][1]}) -> planes {[list(g) for g in cfg.grids]}; kNN k = {cfg.k} ({used['k'][1]})")
+    return cfg, text
+
+
+def summarise_confusion(cm, class_names, train_counts=None, unseen_as_nan=True):
+    """Per-class IoU (%) with NaN for classes absent from GT and predictions (official §5.3), the mIoU (nanmean,
+    %), oAcc and mAcc (%). With `train_counts` (labelled training points per class), classes never seen in
+    training are listed in 'unseen_in_train' and, if unseen_as_nan, reported as NaN and left out of the mIoU
+    (issue 7; the official metric counts them, usually as IoU 0)."""
+    import data
+    cm = np.asarray(cm, dtype=np.int64)
+    iou = np.asarray(data.per_class_iou(cm), dtype=np.float64) * 100
+    unseen = [] if train_counts is None else [n for n, c in zip(class_names, train_counts) if c == 0]
+    if unseen_as_nan and train_counts is not None:
+        iou[np.asarray(train_counts) == 0] = np.nan
+    miou = float(np.nanmean(iou)) if np.isfinite(iou).any() else float('nan')
+    total, gt = cm.sum(), cm.sum(1)
+    with np.errstate(invalid='ignore', divide='ignore'):
+        macc = float(np.nanmean(np.where(gt > 0, np.diag(cm) / gt, np.nan)) * 100) if (gt > 0).any() else float('nan')
+    oacc = float(np.trace(cm) / total * 100) if total else float('nan')
+    per_class = {n: (float(v) if np.isfinite(v) else None) for n, v in zip(class_names, iou)}
+    return {'miou': miou, 'per_class': per_class, 'oacc': oacc, 'macc': macc, 'unseen_in_train': unseen}
+
+
+def segmentation_report(cm, class_names, out_dir, extra=None, title='segmentation', train_counts=None,
+                        unseen_as_nan=True):
+    """Prints the per-class IoU table and the final line `mIoU: X`; writes out_dir/results.json ({'miou',
+    'per_class', 'oacc', 'macc', 'unseen_in_train', **extra, 'confusion_matrix'}, NaN -> null, atomic) and the
+    bar chart out_dir/per_class_iou.png. Returns the results dict (NaN kept as float)."""
+    import json
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    res = summarise_confusion(cm, class_names, train_counts, unseen_as_nan)
+    res.update({**(extra or {}), 'confusion_matrix': np.asarray(cm).tolist()})
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in res.items()}
+    tmp = out / '.results.json.tmp'
+    tmp.write_text(json.dumps(clean, indent=1, default=str))
+    os.replace(tmp, out / 'results.json')
+    plot_per_class(res['per_class'], out / 'per_class_iou.png', f"{title}, mIoU {res['miou']:.1f}%")
+    print(f"{'class':<22}{'IoU %':>8}")
+    for name, v in res['per_class'].items():
+        note = '  (never in train)' if name in res['unseen_in_train'] else ''
+        print(f"{name:<22}{'nan' if v is None else f'{v:.1f}':>8}{note}")
+    print(f"oAcc: {res['oacc']:.1f}  mAcc: {res['macc']:.1f}")
+    print(f"mIoU: {res['miou']:.1f}", flush=True)
+    return res
+
+
+def plot_per_class(per_class, path, title):
+    """Per-class IoU bar chart (%), one bar per class ('n/a' = NaN: absent from GT and predictions)."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    names = list(per_class)
+    vals = [np.nan if v is None else v for v in per_class.values()]
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(names)), 4))
+    bars = ax.bar(range(len(names)), np.nan_to_num(vals), color='tab:blue')
+    for bar, v in zip(bars, vals):
+        ax.text(bar.get_x() + bar.get_width() / 2, (0 if np.isnan(v) else v) + 1,
+                'n/a' if np.isnan(v) else f'{v:.0f}', ha='center', va='bottom', fontsize=7)
+    ax.set_xticks(range(len(names)), names, rotation=60, ha='right')
+    ax.set(ylabel='IoU (%)', ylim=(0, 100))
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f'.{path.name}.tmp')
+    fig.savefig(tmp, dpi=100, format='png')
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
 
 # ==== [model] CLI: features and bench ====
 import argparse
