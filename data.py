@@ -179,6 +179,42 @@ def grid_config(dataset, stage="pretrain"):
     return GridConfig.from_string("128,128,8:0.5")  # Pandar64 LP & FT, PandarGT LP: [512,512],[512,32],[512,32]
 
 
+def cell_size(cfg):
+    """Side of a grid cell in metres (the x extent of the FOV over the first plane's first axis)."""
+    return (cfg.fov_max[0] - cfg.fov_min[0]) / cfg.grids[0][0]
+
+
+def with_cell(cfg, cell=None, k=None):
+    """Copy of `cfg` with cells of `cell` metres over the SAME FOV (grids re-derived as in from_string) and/or
+    `k` embedding neighbours; None keeps the value of `cfg`."""
+    import dataclasses
+    new = dataclasses.replace(cfg)
+    if cell is not None:
+        if not cell > 0:
+            raise ValueError(f"grid cell size must be > 0 metres, got {cell}")
+        n = [max(1, int(round((hi - lo) / cell))) for lo, hi in zip(cfg.fov_min, cfg.fov_max)]
+        new.grids = tuple((n[a], n[b]) for a, b in ((0, 1), (0, 2), (1, 2)))  # planes along z, y, x (dim_proj)
+    if k is not None:
+        if k < 1:
+            raise ValueError(f"the embedding needs k >= 1 neighbours, got {k}")
+        new.k = int(k)
+    return new
+
+
+def open_labelled_split(name, split, root=None, version=None, purpose="training"):
+    """get_dataset for a downstream stage; SystemExit saying what to do when the split has no labels or no scan."""
+    kw = {"version": version} if version else {}
+    ds = get_dataset(name, root=root, split=split, **kw)
+    if not getattr(ds, "has_labels", True):
+        raise SystemExit(f"The {split} split of {name} (root {root}) has no labels (e.g. nuScenes v1.0-test): "
+                         f"{purpose} needs labelled train and val scans. Use a labelled version, e.g. "
+                         f"--version v1.0-trainval.")
+    if len(ds) == 0:
+        raise SystemExit(f"The {split} split of {name} (root {root}) is empty: nothing to "
+                         f"{'train on' if split == 'train' else 'evaluate'}. Check --root / --version.")
+    return ds
+
+
 # ==== [data] Readers of the native layouts ====
 class NoVisiblePointError(ValueError):
     """A scan has no point inside any of its camera images (distillation can skip it)."""

@@ -17,6 +17,8 @@ image teacher's feature at the point's pixel with Eq. (1).
     # multi-teacher (Supp. B.2): DINOv2 ViT-L/14 + DINO ViT-S/8 keys, MLP head
     python distill.py --teacher dinov2_vitl14,dino_vits8 --teacher-weights vitl14.pth,dino_deitsmall8_pretrain.pth
 
+Exercises (README "Classroom exercises"): --loss infonce (a), --cameras all (b, Supp. E), --knn K (c), --cell M (d),
+--teacher dino_vits8 (e), --teacher dinov2_vitl14,dino_vits8 (f, Supp. B.2), --width 128 (g).
 Add --resume to continue an interrupted run bit-exactly from OUT/ckpt_last.pth; --max-iters N for smoke runs.
 Outputs in --out: model.pth ({'model_point': state dict with the official names, 'config': {...}}, readable by
 waffleiron.load_checkpoint), ckpt_last.pth (resume state), log.csv, loss.png, config.json.
@@ -261,41 +263,72 @@ def pixel_features(fmap, pairs, patch):
 # ----------------------------------------------------------------------------------------------------------------
 # The distillation sample (official.md Sec. 2.6) and its batching
 
-def distill_sample(ds, i, cfg, image_size, rng):
-    """One scan -> (sample dict, None) or (None, reason to skip). Official order, official.md Sec. 2.6."""
+def distill_sample(ds, i, cfg, image_size, rng, cameras='one'):
+    """One scan -> (sample dict, None) or (None, reason to skip). Official order, official.md Sec. 2.6.
+
+    cameras='one' (official): one camera uniformly at random; sample['image'] (3, h, w), sample['pairs'] (M, 2)
+    [row', col']. cameras='all' (Supp. E, exercise b): every camera image of the scan is loaded, the student sees the
+    points visible in ANY of them, each paired with one camera it lands in (uniformly at random if several);
+    sample['images'] (V, 3, h, w), sample['pairs'] (M, 3) [image index in 0..V-1, row', col']."""
     sub, j = ds.sub(i) if hasattr(ds, 'sub') else (ds, i)
     # one camera uniformly at random per scan and iteration (KITTI: its camera, PandaSet-GT: front_camera)
-    cam = sub.cameras[int(rng.integers(len(sub.cameras)))]
-    try:
-        image = sub.image(j, cam)  # (H, W, 3) uint8
-    except FileNotFoundError:
+    cams = [sub.cameras[int(rng.integers(len(sub.cameras)))]] if cameras == 'one' else list(sub.cameras)
+    images, views = [], []
+    for cam in cams:
+        try:
+            images.append(sub.image(j, cam))  # (H, W, 3) uint8
+        except FileNotFoundError:
+            continue  # 'all': the scan keeps its other cameras
+        views.append(cam)
+    if not images:
         return None, 'missing image'
     pts = sub.points(j)  # (N, 4) x, y, z, raw intensity
     kept = data.voxelize(pts[:, :3], cfg.voxel, rng)  # (M,) one random point per 0.1 m voxel
-    proj = sub.project(j, cam)  # visible rows of pts, uv at the original resolution
-    uv = np.full((len(pts), 2), np.nan)
-    uv[proj['idx']] = proj['uv']
-    sel = kept[~np.isnan(uv[kept, 0])]  # the student sees ONLY the visible points (official.md Sec. 2.1)
+    view, row, col = point_pixels(sub, j, views, len(pts), image_size, rng)  # (N,) each; view -1 = not visible
+    sel = kept[view[kept] >= 0]  # the student sees ONLY the visible points (official.md Sec. 2.1)
     if len(sel) == 0:
         return None, 'no point in image'
     if cfg.max_points:
         sel = sel[data.limit_points(pts[sel, :3], cfg.max_points, rng)]  # 20k nearest to a random centre
     xyz = data.augment_pretrain(pts[sel, :3].astype(np.float32), rng)  # rot z, flip, scale; image not augmented
-    (H, W), (h, w) = proj['hw'], image_size
-    # pairs floored twice (official.md Sec. 11.6): (row, col) = (floor(v), floor(u)), then floor(row * h / H)
-    row = np.floor(uv[sel, 1]).astype(np.int64) * h // H
-    col = np.floor(uv[sel, 0]).astype(np.int64) * w // W
     inside = data.fov_mask(xyz, cfg)  # crop to the FOV, the pairs follow
     if not inside.any():
         return None, 'no visible point in the FOV'
-    xyz, row, col, sel = xyz[inside], row[inside], col[inside], sel[inside]
+    xyz, sel = xyz[inside], sel[inside]
     intensity = sub.normalize_intensity(pts[sel, 3])
-    img = torch.tensor(image).permute(2, 0, 1)[None].float() / 255.0  # (1, 3, H, W)
+    img = torch.stack([torch.tensor(im).permute(2, 0, 1).float() / 255.0 for im in images])  # (V, 3, H, W)
     # torchvision.transforms.functional.resize on tensors = bilinear, no antialias (official.md Sec. 2.5)
-    img = F.interpolate(img, size=(h, w), mode='bilinear', align_corners=False, antialias=False)[0]
-    return dict(feat=data.input_features(xyz, intensity).T.copy(),  # (5, M) [int, x, y, z, radius]
-                xyz=xyz, cells=data.cell_indices(xyz, cfg), neighbors=data.knn_indices(xyz, cfg.k),
-                pairs=np.stack([row, col], 1), image=img, scan_id=sub.scan_id(j), camera=cam, kept=sel), None
+    img = F.interpolate(img, size=tuple(image_size), mode='bilinear', align_corners=False, antialias=False)
+    sample = dict(feat=data.input_features(xyz, intensity).T.copy(),  # (5, M) [int, x, y, z, radius]
+                  xyz=xyz, cells=data.cell_indices(xyz, cfg), neighbors=data.knn_indices(xyz, cfg.k),
+                  scan_id=sub.scan_id(j), kept=sel)
+    if cameras == 'one':
+        sample.update(pairs=np.stack([row[sel], col[sel]], 1), image=img[0], camera=views[0])
+    else:
+        sample.update(pairs=np.stack([view[sel], row[sel], col[sel]], 1), images=img, camera=views)
+    return sample, None
+
+
+def point_pixels(sub, j, views, n, image_size, rng):
+    """For each of the n rows of the scan: index of the loaded camera it is paired with (-1: seen by none) and its
+    (row', col') pixel in that camera's image resized to image_size. A point seen by several cameras takes one of
+    them uniformly at random (reservoir draw; rng is used only then, so the official 1-camera stream is unchanged).
+    Pairs floored twice (official.md Sec. 11.6): (row, col) = (floor(v), floor(u)), then floor(row * h / H)."""
+    view, row, col = np.full(n, -1), np.zeros(n, np.int64), np.zeros(n, np.int64)
+    seen = np.zeros(n, np.int64)  # how many cameras see each row so far
+    h, w = image_size
+    for v, cam in enumerate(views):
+        proj = sub.project(j, cam)  # visible rows of the scan, uv at the original resolution
+        idx, (H, W) = proj['idx'], proj['hw']
+        seen[idx] += 1
+        take = seen[idx] == 1
+        if (~take).any():  # already paired with another camera: keep this one with probability 1 / (#cameras)
+            take[~take] = rng.random(int((~take).sum())) < 1.0 / seen[idx[~take]]
+        idx, uv = idx[take], proj['uv'][take]
+        view[idx] = v
+        row[idx] = np.floor(uv[:, 1]).astype(np.int64) * h // H
+        col[idx] = np.floor(uv[:, 0]).astype(np.int64) * w // W
+    return view, row, col
 
 
 class DistillDataset(torch.utils.data.Dataset):
@@ -304,8 +337,9 @@ class DistillDataset(torch.utils.data.Dataset):
     A scan that must be skipped (missing image, no visible point) is replaced by the next scan; the skip is
     recorded in sample['skipped'] and counted by the training loop."""
 
-    def __init__(self, ds, cfg, image_size, seed=0, max_tries=32):
+    def __init__(self, ds, cfg, image_size, seed=0, max_tries=32, cameras='one'):
         self.ds, self.cfg, self.image_size, self.seed, self.max_tries = ds, cfg, tuple(image_size), seed, max_tries
+        self.cameras = cameras
 
     def __len__(self):
         return len(self.ds)
@@ -316,7 +350,7 @@ class DistillDataset(torch.utils.data.Dataset):
         skipped = []
         for attempt in range(self.max_tries):
             j = (index + attempt) % len(self.ds)
-            sample, reason = distill_sample(self.ds, j, self.cfg, self.image_size, rng)
+            sample, reason = distill_sample(self.ds, j, self.cfg, self.image_size, rng, self.cameras)
             if sample is not None:
                 sample['skipped'] = skipped
                 return sample
@@ -326,13 +360,21 @@ class DistillDataset(torch.utils.data.Dataset):
 
 
 def distill_collate(samples):
-    """data.collate + images (B, 3, h, w) and pairs (M, 3) [image index, row', col'] in the student's point order
-    (scan-major, i.e. out.transpose(1, 2)[occupied])."""
+    """data.collate + images (V, 3, h, w) and pairs (M, 3) [image index, row', col'] in the student's point order
+    (scan-major, i.e. out.transpose(1, 2)[occupied]). One camera per scan (official): V = B and image index = scan
+    index; --cameras all: the images of every scan one after the other, pairs re-indexed accordingly."""
     batch = data.collate([{k: s[k] for k in ('feat', 'cells', 'neighbors')} for s in samples])
-    batch['images'] = torch.stack([s['image'] for s in samples])  # (B, 3, h, w)
-    batch['pairs'] = torch.cat([torch.cat([torch.full((len(s['pairs']), 1), b, dtype=torch.long),
-                                           torch.as_tensor(s['pairs'], dtype=torch.long)], 1)
-                                for b, s in enumerate(samples)])  # (M, 3)
+    images, pairs, first = [], [], 0  # first: index of this scan's first image in the batch
+    for s in samples:
+        imgs = s['images'] if 'images' in s else s['image'][None]  # (V_b, 3, h, w)
+        p = torch.as_tensor(s['pairs'], dtype=torch.long)
+        if p.shape[1] == 2:  # one camera: [row', col'] -> [0, row', col']
+            p = torch.cat([torch.zeros(len(p), 1, dtype=torch.long), p], 1)
+        pairs.append(p + torch.tensor([first, 0, 0]))
+        images.append(imgs)
+        first += len(imgs)
+    batch['images'] = torch.cat(images)  # (V, 3, h, w)
+    batch['pairs'] = torch.cat(pairs)  # (M, 3)
     batch['scan_id'] = [s['scan_id'] for s in samples]
     batch['skipped'] = [x for s in samples for x in s['skipped']]
     return batch
@@ -380,6 +422,30 @@ def distill_loss(student, target, reduction='mean'):
     if reduction == 'none':
         return dist
     return dist.sum() if reduction == 'sum' else dist.mean()
+
+
+def infonce_loss(student, target, temperature=0.07, max_pairs=4096, generator=None, reduction='mean'):
+    """Point-to-pixel contrastive loss (exercise a; SLidR / PPKT-style InfoNCE, NOT ScaLR's Eq. (1)).
+
+    Up to `max_pairs` paired points of the batch are drawn at random (without replacement); the other sampled
+    pixels are the negatives of each point. student, target (M, C) -> scalar (reduction 'mean' or 'sum' over the
+    S sampled points)."""
+    if len(student) > max_pairs:
+        keep = torch.randperm(len(student), generator=generator)[:max_pairs].to(student.device)  # (S,)
+        student, target = student[keep], target[keep]
+    s, t = F.normalize(student.float(), dim=1), F.normalize(target.float(), dim=1)  # (S, C) unit vectors
+    # InfoNCE: L = -1/S sum_i log( exp(s_i . t_i / tau) / sum_j exp(s_i . t_j / tau) ), i, j over the S pairs
+    logits = s @ t.T / temperature  # (S, S): point i vs pixel j; the positive pixel is the diagonal
+    return F.cross_entropy(logits, torch.arange(len(s), device=s.device), reduction=reduction)
+
+
+def pair_loss(student, target, args, it):
+    """(sum of the per-point losses, number of points it sums over) for --loss eq1 | infonce."""
+    if args.loss == 'eq1':
+        return distill_loss(student, target, reduction='sum'), len(student)  # Eq. (1) summed over the M points
+    g = torch.Generator().manual_seed(args.seed * 1_000_003 + it)  # same draw after --resume
+    n = min(len(student), args.infonce_pairs)
+    return infonce_loss(student, target, args.temperature, args.infonce_pairs, g, reduction='sum'), n
 
 
 def teacher_targets(teachers, images, pairs):
@@ -492,6 +558,20 @@ def parse_args(argv=None):
     a('--warmup-epochs', type=float, default=None, help='linear warmup in epochs (Supp. B.2 mono: 2)')
     a('--drop-path', type=float, default=0.0, help='drop path during distillation (official: 0; ScaLR+ 0.2)')
     a('--max-points', type=int, default=20000, help='LimitNumPoints after the visibility filter (official: 20000)')
+    a('--loss', default='eq1', choices=['eq1', 'infonce'],
+      help='eq1 = Eq. (1), the paper\'s l2 distance of normalised features; infonce = point-to-pixel contrastive '
+           'loss of SLidR / PPKT (exercise a, not ScaLR)')
+    a('--temperature', type=float, default=0.07, help='InfoNCE temperature (exercise a; PPKT / SLidR: 0.07)')
+    a('--infonce-pairs', type=int, default=4096,
+      help='InfoNCE: paired points sampled per batch and rank, the negatives of each other (exercise a; SLidR: 4096)')
+    a('--cameras', default='one', choices=['one', 'all'],
+      help='one = one random camera per scan and iteration (official.md Sec. 2.6); all = every image of the scan, '
+           'as Supp. E suggests ("from 1 to 6"; exercise b)')
+    a('--knn', type=int, default=None,
+      help='neighbours k of the point embedding (official.md Sec. 3.6: 16; exercise c); stored in model.pth')
+    a('--cell', type=float, default=None,
+      help='grid cell size in metres over the same FOV (official.md Sec. 3.4: 0.5 m; toy: 1 m; exercise d); '
+           'stored in model.pth, probe.py / finetune.py reuse it')
     a('--amp', default='none', choices=['none', 'fp16', 'bf16'],
       help='autocast precision (official: fp16 + GradScaler; ScaLR+: bf16)')
     a('--workers', type=int, default=2, help='DataLoader worker processes per rank')
@@ -557,16 +637,18 @@ def run_config(args, cfg, dims, head, total, per_epoch):
                 teacher_arch=args.teacher_arch, image_size=list(args.image_size), head=head, width=args.width,
                 depth=args.depth, input_channels=5, nb_class=sum(dims), layer_norm=True, grids=[list(g) for g in
                 cfg.grids], fov_min=list(cfg.fov_min), fov_max=list(cfg.fov_max), dim_proj=list(cfg.dim_proj),
-                voxel=cfg.voxel, k=cfg.k, max_points=cfg.max_points, preset=args.preset, epochs=args.epochs,
-                batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
-                warmup_iters=args.warmup_iters, total_iters=total, iters_per_epoch=per_epoch,
+                voxel=cfg.voxel, k=cfg.k, cell=data.cell_size(cfg), max_points=cfg.max_points, loss=args.loss,
+                temperature=args.temperature, infonce_pairs=args.infonce_pairs, cameras=args.cameras,
+                preset=args.preset, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr,
+                weight_decay=args.weight_decay, warmup_iters=args.warmup_iters, total_iters=total, iters_per_epoch=per_epoch,
                 drop_path=args.drop_path, amp=args.amp, seed=args.seed)
 
 
 def check_resume_compatible(ckpt_path, ckpt, config):
-    keys = ('width', 'depth', 'head', 'teacher', 'teacher_dims', 'batch_size', 'total_iters', 'data', 'seed')
+    keys = ('width', 'depth', 'head', 'teacher', 'teacher_dims', 'batch_size', 'total_iters', 'data', 'seed', 'loss',
+            'cameras', 'k', 'grids')
     diff = [f'{k}: checkpoint {ckpt["config"].get(k)!r} vs now {config[k]!r}' for k in keys
-            if ckpt['config'].get(k) != config[k]]
+            if ckpt['config'].get(k, config[k]) != config[k]]
     if diff:
         raise SystemExit(f'error: cannot --resume from {ckpt_path}, it was trained with other settings:\n  '
                          + '\n  '.join(diff) + '\nUse the same flags, or another --out to start a new run.')
@@ -592,11 +674,11 @@ def train_step(model, teachers, batch, dims, opt, sched, scaler, args, device, i
     t_teacher = time.perf_counter() - t0
     with wi.autocast_context(device, args.amp):
         student = student_outputs(model, batch, dims)  # (M, sum C_t)
-    dist_sum = distill_loss(student, target, reduction='sum')  # fp32
+    dist_sum, n_terms = pair_loss(student, target, args, it)  # fp32; Eq. (1) (default) or --loss infonce
     # Eq. (1) averages over ALL paired points of the GLOBAL batch: M_global points over the ranks. DDP averages the
     # gradients over ranks, hence the factor world / M_global (the official code averages per-GPU means instead).
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    counts = wi.all_reduce_sum(torch.tensor([float(len(student)), dist_sum.item()], device=device))
+    counts = wi.all_reduce_sum(torch.tensor([float(n_terms), dist_sum.item(), float(len(student))], device=device))
     loss = dist_sum * (world / counts[0])
     global_loss = wi.check_finite(counts[1] / counts[0], it + 1)  # raises before the update; 1-based as log.csv
     lr = opt.param_groups[0]['lr']  # the lr of this step (the very first step uses lr = 0, official.md Sec. 6.1)
@@ -605,7 +687,7 @@ def train_step(model, teachers, batch, dims, opt, sched, scaler, args, device, i
     scaler.step(opt)
     scaler.update()
     sched.step()
-    return global_loss, lr, t_teacher, int(counts[0].item())
+    return global_loss, lr, t_teacher, int(counts[2].item())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -615,7 +697,7 @@ LOG_FIELDS = ['iteration', 'epoch', 'loss', 'lr', 'scans_per_s', 'teacher_share'
 
 
 def make_loader(args, ds, cfg, rank, world, device):
-    dataset = DistillDataset(ds, cfg, args.image_size, seed=args.seed)
+    dataset = DistillDataset(ds, cfg, args.image_size, seed=args.seed, cameras=args.cameras)
     sampler = EpochSampler(len(ds), args.batch_size, seed=args.seed, rank=rank, world=world)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size // world, sampler=sampler,
                                          collate_fn=distill_collate, num_workers=args.workers, drop_last=True,
@@ -635,8 +717,10 @@ def main(argv=None):
                               sets=args.merged_sets.split(',') if args.data == 'merged' and args.merged_sets else None)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f'error: --data {args.data}: {e}')
-    cfg = data.grid_config(args.data, 'pretrain')
+    cfg = data.with_cell(data.grid_config(args.data, 'pretrain'), cell=args.cell, k=args.knn)  # exercises c, d
     cfg.max_points = args.max_points or None
+    wi.print0(f'grid: FOV {tuple(cfg.fov_min)}..{tuple(cfg.fov_max)} m, cell {data.cell_size(cfg):g} m -> planes '
+              f'{[list(g) for g in cfg.grids]}; kNN k = {cfg.k}; loss {args.loss}; cameras {args.cameras}')
     names = [d.name for d in ds.datasets] if hasattr(ds, 'datasets') else [ds.name]
     per_epoch, total, stop = resolve_budget(args, names, len(ds), world)
     wi.seed_everything(args.seed)  # a random-init teacher must be the same on every rank and after --resume

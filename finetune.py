@@ -21,12 +21,10 @@ ckpt_last.pth (everything --resume needs, written atomically after every epoch a
 import argparse
 import json
 import math
-import os
 import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 from tqdm import tqdm
@@ -98,6 +96,12 @@ def parse_args(argv=None):
            "memory or time")
     a("--val-scans", type=int, default=None,
       help="evaluate on the first N val scans only (smoke tests; default and paper: the whole val split)")
+    a("--knn", type=int, default=None,
+      help="neighbours k of the point embedding (official §3.6: 16; default: the k stored in --ckpt by distill.py, "
+           "else 16; exercise c)")
+    a("--cell", type=float, default=None,
+      help="grid cell size in metres over the same FOV (official §3.4: 0.5 m, toy 1 m; default: the cell stored in "
+           "--ckpt by distill.py, else the official one; exercise d)")
     a("--amp", default="none", choices=["none", "fp16", "bf16"],
       help="autocast (official README runs --fp16 = fp16 + GradScaler; none = fp32)")
     a("--workers", type=int, default=None, help="DataLoader workers (default 0 on the toy, else 4)")
@@ -148,16 +152,7 @@ def default_out(args):
 # ----------------------------------------------------------------------------------------------------------------
 def open_split(args, split):
     """One labelled split; says clearly when it has no labels or no scan."""
-    kw = {"version": args.version} if args.version else {}
-    ds = data.get_dataset(args.data, root=args.root, split=split, **kw)
-    if not getattr(ds, "has_labels", True):
-        raise SystemExit(f"The {split} split of {args.data} (root {args.root}) has no labels (e.g. nuScenes "
-                         f"v1.0-test): finetuning needs labelled train and val scans. Use a labelled version, "
-                         f"e.g. --version v1.0-trainval.")
-    if len(ds) == 0:
-        raise SystemExit(f"The {split} split of {args.data} (root {args.root}) is empty: nothing to "
-                         f"{'train on' if split == 'train' else 'evaluate'}. Check --root / --version.")
-    return ds
+    return data.open_labelled_split(args.data, split, root=args.root, version=args.version, purpose="finetuning")
 
 
 def training_subset(train_ds, fraction, subset_file=None, out_dir=None):
@@ -198,20 +193,6 @@ def segmentation_loader(ds, cfg, args, train, subset=None):
 # ----------------------------------------------------------------------------------------------------------------
 # Model: strict load of the pretrain-shaped network, stochastic depth, downstream head (official §7, §4.2, §4.4).
 # ----------------------------------------------------------------------------------------------------------------
-def latest_distill_checkpoint(runs="runs"):
-    found = sorted(Path(runs).glob("distill*/model.pth"), key=lambda p: p.stat().st_mtime)
-    return str(found[-1]) if found else None
-
-
-def backbone_width(model):
-    """F, the backbone's output channels (the embedding's final 1x1 conv, official names)."""
-    return int(model.embed.final.weight.shape[0])
-
-
-def backbone_depth(model):
-    return len(model.waffleiron.channel_mix)
-
-
 def segmentation_classes(head):
     """Number of classes of an official downstream head Sequential(BatchNorm1d, Conv1d), else None (a
     distillation head: Conv1d(F -> 1024) or the ScaLR+ MLP)."""
@@ -247,42 +228,26 @@ def attach_segmentation_head(model, num_classes, ckpt):
         warnings.warn(msg, HeadReinitialisedWarning, stacklevel=2)
         wi.print0(msg)
     else:
-        wi.print0(f"official §7: pretraining head of {ckpt} discarded -> BatchNorm1d({backbone_width(model)}) + "
-                  f"zero-init Conv1d({backbone_width(model)} -> {num_classes})")
-    model.set_head(wi.seg_head(backbone_width(model), num_classes))
+        wi.print0(f"official §7: pretraining head of {ckpt} discarded -> BatchNorm1d({wi.backbone_width(model)}) + "
+                  f"zero-init Conv1d({wi.backbone_width(model)} -> {num_classes})")
+    model.set_head(wi.seg_head(wi.backbone_width(model), num_classes))
     return model
-
-
-def resolve_checkpoint(args):
-    """--ckpt, else the newest distill.py output; clear messages when missing."""
-    ckpt = args.ckpt or latest_distill_checkpoint()
-    if ckpt is not None and not Path(ckpt).is_file():
-        raise SystemExit(f"Checkpoint not found: {ckpt}. Run `python distill.py` first, pass --ckpt PATH, or use "
-                         f"--scratch for the no-pretraining baseline.")
-    if ckpt is None and not args.scratch:
-        raise SystemExit("No checkpoint: none given with --ckpt and no runs/distill*/model.pth found. Run "
-                         "`python distill.py` first, pass --ckpt PATH, or use --scratch.")
-    return ckpt
 
 
 def build_model(args, cfg, num_classes):
     """Pretrained (or, with --scratch, randomly initialised) WaffleIron with drop path and the downstream head.
     Returns (model, checkpoint whose weights are used or None, where the architecture came from)."""
-    ckpt = resolve_checkpoint(args)
+    ckpt = wi.resolve_backbone_checkpoint(args.ckpt, "--scratch", args.scratch)
     if ckpt is not None and not args.scratch:
         # official §7: strip 'module.', build the pretrain-shaped model, load_state_dict(strict=True)
         model = wi.load_checkpoint(ckpt, grids=cfg.grids)
-        for flag, have in (("width", backbone_width(model)), ("depth", backbone_depth(model))):
-            want = getattr(args, flag)
-            if want is not None and want != have:
-                raise SystemExit(f"Checkpoint {ckpt} has {flag} {have} but --{flag} {want} was asked: drop "
-                                 f"--{flag} or pass a checkpoint of {flag} {want}.")
+        wi.check_backbone_shape(model, ckpt, args.width, args.depth)
         model = attach_segmentation_head(model, num_classes, ckpt)
         arch_from = ckpt
     else:
         if ckpt is not None:  # --scratch: the architecture of the checkpoint, none of its weights
             shape = wi.load_checkpoint(ckpt, grids=cfg.grids)
-            width, depth = backbone_width(shape), backbone_depth(shape)
+            width, depth = wi.backbone_width(shape), wi.backbone_depth(shape)
             arch_from = f"the architecture of {ckpt}"
         else:
             width, depth = TOY_ARCH if is_toy(args) else PAPER_ARCH
@@ -307,67 +272,12 @@ def evaluate_split(model, ds, cfg, args, device):
     return wi.evaluate(model, loader, len(ds.class_names), device, amp=args.amp)
 
 
-def summarise(cm, class_names):
-    """Per-class IoU in % (None where the class is absent from GT and predictions, official §5.3), mIoU (nanmean, %),
-    oAcc and mAcc in %."""
-    cm = np.asarray(cm, dtype=np.int64)
-    iou = np.asarray(data.per_class_iou(cm), dtype=np.float64) * 100
-    miou = float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan")
-    gt = cm.sum(1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        macc = float(np.nanmean(np.where(gt > 0, np.diag(cm) / gt, np.nan)) * 100) if (gt > 0).any() else float("nan")
-    oacc = float(np.trace(cm) / cm.sum() * 100) if cm.sum() else float("nan")
-    per_class = {n: (float(v) if np.isfinite(v) else None) for n, v in zip(class_names, iou)}
-    return {"miou": miou, "per_class": per_class, "oacc": oacc, "macc": macc}
-
-
-def write_results(out, cm, class_names, ckpt, data_name, fraction, title, extra=None):
-    """Prints the per-class table and the final line `mIoU: X`; writes results.json and per_class_iou.png."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    res = summarise(cm, class_names)
-    res.update({"ckpt": None if ckpt is None else str(ckpt), "data": data_name, "fraction": fraction,
-                **(extra or {}), "confusion_matrix": np.asarray(cm).tolist()})
-    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in res.items()}
-    tmp = out / ".results.json.tmp"
-    tmp.write_text(json.dumps(clean, indent=1))
-    os.replace(tmp, out / "results.json")
-    plot_per_class(res["per_class"], out / "per_class_iou.png", f"{title}, mIoU {res['miou']:.1f}%")
-    print(f"{'class':<22}{'IoU %':>8}")
-    for name, v in res["per_class"].items():
-        print(f"{name:<22}{'nan' if v is None else f'{v:.1f}':>8}")
-    print(f"oAcc: {res['oacc']:.1f}  mAcc: {res['macc']:.1f}")
-    print(f"mIoU: {res['miou']:.1f}", flush=True)
-    return res
-
-
-def plot_per_class(per_class, path, title):
-    """Per-class IoU bar chart (%), one bar per class of the label space ('n/a' = absent from GT and predictions)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    names = list(per_class)
-    vals = [np.nan if v is None else v for v in per_class.values()]
-    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(names)), 4))
-    bars = ax.bar(range(len(names)), np.nan_to_num(vals), color="tab:green")
-    for bar, v in zip(bars, vals):
-        ax.text(bar.get_x() + bar.get_width() / 2, (0 if np.isnan(v) else v) + 1,
-                "n/a" if np.isnan(v) else f"{v:.0f}", ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(range(len(names)), names, rotation=60, ha="right")
-    ax.set(ylabel="IoU (%)", ylim=(0, 100))
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-    fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
 def eval_only(args, device):
     """--eval-only: a finetuned checkpoint (ours: {'net', 'config'}; released ScaLR: 'net' with 'module.') on val."""
     if args.ckpt is None or not Path(args.ckpt).is_file():
         raise SystemExit(f"--eval-only needs --ckpt PATH of a finetuned checkpoint; not found: {args.ckpt}")
-    cfg = data.grid_config(args.data, "finetune")
+    cfg, grid_text = wi.stage_grid(args.data, "finetune", args.cell, args.knn, args.ckpt)
+    print(grid_text)
     val_ds = open_split(args, "val")
     names = list(val_ds.class_names)
     model = wi.load_checkpoint(args.ckpt, grids=cfg.grids)
@@ -382,17 +292,10 @@ def eval_only(args, device):
     cm = evaluate_split(model.to(device), val_ds, cfg, args, device)
     if wi.is_main():
         print(f"evaluated {len(val_ds)} val scans in {time.time() - t0:.0f}s")
-        config = load_config(args.ckpt)
-        write_results(args.out, cm, names, args.ckpt, args.data, config.get("fraction"),
-                      f"{args.data}: finetuned checkpoint", extra={"eval_only": True})
-
-
-def load_config(path):
-    """The 'config' entry of one of our checkpoints ({} for a released one)."""
-    try:
-        return dict(torch.load(path, map_location="cpu", weights_only=True).get("config", {}) or {})
-    except Exception:  # released checkpoints may hold objects weights_only refuses: no config then
-        return {}
+        config = wi.checkpoint_config(args.ckpt)
+        wi.segmentation_report(cm, names, args.out, title=f"{args.data}: finetuned checkpoint",
+                               extra={"ckpt": str(args.ckpt), "data": args.data, "fraction": config.get("fraction"),
+                                      "eval_only": True})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -402,9 +305,10 @@ RESUME_KEYS = ("data", "fraction", "ckpt", "scratch", "width", "depth", "epochs"
                "drop_path", "seed", "num_train_scans", "max_points")
 
 
-def finetune_config(args, model, ckpt, class_names, num_train_scans):
+def finetune_config(args, model, ckpt, class_names, num_train_scans, cfg):
     return {"stage": "finetune", "data": args.data, "fraction": args.fraction, "ckpt": ckpt, "scratch": args.scratch,
-            "width": backbone_width(model), "depth": backbone_depth(model), "num_classes": len(class_names),
+            "k": cfg.k, "cell": data.cell_size(cfg), "grids": [list(g) for g in cfg.grids],
+            "width": wi.backbone_width(model), "depth": wi.backbone_depth(model), "num_classes": len(class_names),
             "class_names": list(class_names), "num_train_scans": num_train_scans, "epochs": args.epochs,
             "warmup_epochs": args.warmup_epochs, "batch_size": args.batch_size, "lr": args.lr,
             "layer_decay": args.layer_decay, "drop_path": args.drop_path, "seed": args.seed,
@@ -483,7 +387,8 @@ def train(args, model, train_loader, val_ds, cfg, config, device, out):
         if wi.is_main():  # after every epoch and when stopping early (--max-iters): atomic
             wi.save_checkpoint(out / "ckpt_last.pth", **state)
         if args.eval_every and it % ipe == 0 and (it // ipe) % args.eval_every == 0 and it < total:
-            miou = summarise(evaluate_split(model, val_ds, cfg, args, device), config["class_names"])["miou"]
+            miou = wi.summarise_confusion(evaluate_split(model, val_ds, cfg, args, device),
+                                          config["class_names"])["miou"]
             log.log(epoch=epoch, iteration=it, val_miou=miou)
             wi.print0(f"epoch {epoch + 1}: val mIoU {miou:.1f}")
     bar.close()
@@ -522,7 +427,10 @@ def main(argv=None):
         eval_only(args, device)
         return wi.ddp_cleanup()
     out = Path(args.out)
-    cfg = data.grid_config(args.data, "finetune")
+    # the grid (cell size, kNN k) the backbone was distilled with, unless --cell / --knn say otherwise
+    cfg, grid_text = wi.stage_grid(args.data, "finetune", args.cell, args.knn,
+                                   wi.resolve_backbone_checkpoint(args.ckpt, "--scratch", args.scratch))
+    wi.print0(grid_text)
     if args.max_points is not None:
         cfg.max_points = args.max_points
     train_ds, val_ds = open_split(args, "train"), open_split(args, "val")
@@ -534,9 +442,9 @@ def main(argv=None):
     model, ckpt, arch_from = build_model(args, cfg, len(class_names))
     model = model.to(device)
     wi.seed_everything(args.seed + rank)  # after the init: ranks draw different augmentations (train RNG streams)
-    wi.print0(f"WI-{backbone_depth(model)}-{backbone_width(model)} "
+    wi.print0(f"WI-{wi.backbone_depth(model)}-{wi.backbone_width(model)} "
               f"({'random init, ' + arch_from if args.scratch else 'weights of ' + str(ckpt)})")
-    config = finetune_config(args, model, ckpt, class_names, len(subset))
+    config = finetune_config(args, model, ckpt, class_names, len(subset), cfg)
     if wi.is_main():
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(config, indent=1, default=str))
@@ -550,8 +458,10 @@ def main(argv=None):
                     title=f"finetuning, {args.data}, {pct(args.fraction)} labels")
         print(f"finetuning took {time.time() - t0:.0f}s ({iters} iterations); outputs in {out}")
         title = f"{args.data}: finetuning on {pct(args.fraction)} labels ({'scratch' if args.scratch else ckpt})"
-        write_results(out, cm, class_names, ckpt, args.data, args.fraction, title,
-                      extra={"scratch": args.scratch, "num_train_scans": len(subset), "iterations": iters})
+        wi.segmentation_report(cm, class_names, out, title=title,
+                               extra={"ckpt": None if ckpt is None else str(ckpt), "data": args.data,
+                                      "fraction": args.fraction, "scratch": args.scratch,
+                                      "num_train_scans": len(subset), "iterations": iters})
     wi.ddp_cleanup()
 
 

@@ -23,7 +23,6 @@ student cannot inherit semantics, so the paper's gap needs real teacher weights 
 """
 import argparse
 import json
-import math
 import os
 import shutil
 import time
@@ -95,9 +94,16 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed for shuffling and augmentations (official: none)")
     p.add_argument("--eval-every", type=int, default=0,
                    help="validate every N epochs as well (official validates every epoch; 0 = only at the end)")
-    p.add_argument("--unseen-as-nan", action="store_true",
-                   help="report classes never seen in training as NaN and drop them from the mIoU (issue 7 "
-                        "wording); default is the official metric §5.3, where a class with val points counts")
+    p.add_argument("--unseen-as-zero", action="store_true",
+                   help="official metric (official.md §5.3): a class with val points but never seen in training "
+                        "counts in the mIoU (usually IoU 0); default: issue 7, such a class is reported as NaN and "
+                        "left out of the mIoU")
+    p.add_argument("--knn", type=int, default=None,
+                   help="neighbours k of the point embedding (official §3.6: 16; default: the k stored in --ckpt "
+                        "by distill.py, else 16; exercise c)")
+    p.add_argument("--cell", type=float, default=None,
+                   help="grid cell size in metres over the same FOV (official §3.4: 0.5 m, toy 1 m; default: the "
+                        "cell stored in --ckpt by distill.py, else the official one; exercise d)")
     p.add_argument("--resume", action="store_true", help="continue from --out/ckpt_last.pth")
     p.add_argument("--figures", default=None, help="write the Appendix C pictures (Fig. 2, Fig. 3) into this folder")
     p.add_argument("--figure-scans", type=int, default=3, help="number of val scans pictured (Supp. C shows a few)")
@@ -141,16 +147,7 @@ def resolve_defaults(args):
 # ----------------------------------------------------------------------------------------------------------------
 def open_split(args, split):
     """One labelled split; says clearly when it has no labels or no scan."""
-    kw = {"version": args.version} if args.version else {}
-    ds = data.get_dataset(args.data, root=args.root, split=split, **kw)
-    if not getattr(ds, "has_labels", True):
-        raise SystemExit(f"The {split} split of {args.data} (root {args.root}) has no labels (e.g. nuScenes "
-                         f"v1.0-test): linear probing needs labelled train and val scans. Use a labelled version, "
-                         f"e.g. --version v1.0-trainval.")
-    if len(ds) == 0:
-        raise SystemExit(f"The {split} split of {args.data} (root {args.root}) is empty: nothing to "
-                         f"{'train on' if split == 'train' else 'evaluate'}. Check --root / --version.")
-    return ds
+    return data.open_labelled_split(args.data, split, root=args.root, version=args.version, purpose="linear probing")
 
 
 def ordered_loader(ds, cfg, batch_size, workers, indices):
@@ -163,20 +160,6 @@ def ordered_loader(ds, cfg, batch_size, workers, indices):
 # ----------------------------------------------------------------------------------------------------------------
 # Model: frozen backbone + trainable segmentation head.
 # ----------------------------------------------------------------------------------------------------------------
-def latest_distill_checkpoint(runs="runs"):
-    found = sorted(Path(runs).glob("distill*/model.pth"), key=lambda p: p.stat().st_mtime)
-    return str(found[-1]) if found else None
-
-
-def backbone_width(model):
-    """F, the backbone's output channels (the embedding's final 1x1 conv, official names)."""
-    return int(model.embed.final.weight.shape[0])
-
-
-def backbone_depth(model):
-    return len(model.waffleiron.channel_mix)
-
-
 def reinitialise(model, seed):
     """Fresh default PyTorch init of every layer (WaffleIron has no custom init, official §4.2), BN stats reset."""
     torch.manual_seed(seed)
@@ -189,20 +172,10 @@ def reinitialise(model, seed):
 def build_model(args, cfg, num_classes):
     """Backbone from the checkpoint (or a random one) with the official probe head; returns (model, checkpoint
     whose weights are used or None, where the architecture came from)."""
-    ckpt = args.ckpt or latest_distill_checkpoint()
-    if ckpt is not None and not Path(ckpt).is_file():
-        raise SystemExit(f"Checkpoint not found: {ckpt}. Run `python distill.py` first, pass --ckpt PATH, or use "
-                         f"--random-init for the no-pretraining baseline.")
-    if ckpt is None and not args.random_init:
-        raise SystemExit("No checkpoint: none given with --ckpt and no runs/distill*/model.pth found. Run "
-                         "`python distill.py` first, pass --ckpt PATH, or use --random-init.")
+    ckpt = wi.resolve_backbone_checkpoint(args.ckpt, "--random-init", args.random_init)
     if ckpt is not None:
         model = wi.load_checkpoint(ckpt, grids=cfg.grids)
-        for flag, have in (("width", backbone_width(model)), ("depth", backbone_depth(model))):
-            want = getattr(args, flag)
-            if want is not None and want != have:
-                raise SystemExit(f"Checkpoint {ckpt} has {flag} {have} but --{flag} {want} was asked: drop "
-                                 f"--{flag} or pass a checkpoint of {flag} {want}.")
+        wi.check_backbone_shape(model, ckpt, args.width, args.depth)
         if args.random_init:
             model = reinitialise(model, args.seed)
     else:
@@ -211,8 +184,8 @@ def build_model(args, cfg, num_classes):
         model = wi.WaffleIron(input_channels=5, feat_channels=width, depth=depth, nb_class=num_classes,
                               grids=cfg.grids, layer_norm=True)
     # official §4.4: the pretrained head is discarded; BN(F) + zero-init Conv1d(F -> K)
-    model.set_head(wi.seg_head(backbone_width(model), num_classes))
-    arch_from = ckpt if ckpt is not None else f"--width {backbone_width(model)} --depth {backbone_depth(model)}"
+    model.set_head(wi.seg_head(wi.backbone_width(model), num_classes))
+    arch_from = ckpt if ckpt is not None else f"--width {wi.backbone_width(model)} --depth {wi.backbone_depth(model)}"
     return model, (None if args.random_init else ckpt), arch_from
 
 
@@ -329,66 +302,6 @@ def confusion_of_records(head, records, num_classes, device, amp):
     return cm
 
 
-def summarise(cm, class_names, train_counts=None, unseen_as_nan=False):
-    """Per-class IoU (%) with NaN for classes absent from GT and predictions (official §5.3), the mIoU (nanmean,
-    %), oAcc and mAcc. Classes never seen in training are listed; with unseen_as_nan they become NaN too."""
-    cm = np.asarray(cm, dtype=np.int64)
-    iou = np.asarray(data.per_class_iou(cm), dtype=np.float64) * 100
-    unseen = [] if train_counts is None else [n for n, c in zip(class_names, train_counts) if c == 0]
-    if unseen_as_nan and train_counts is not None:
-        iou[np.asarray(train_counts) == 0] = np.nan
-    miou = float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan")
-    total, gt = cm.sum(), cm.sum(1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        macc = float(np.nanmean(np.where(gt > 0, np.diag(cm) / gt, np.nan)) * 100) if (gt > 0).any() else float("nan")
-    oacc = float(np.trace(cm) / total * 100) if total else float("nan")
-    per_class = {n: (None if not np.isfinite(v) else float(v)) for n, v in zip(class_names, iou)}
-    return {"miou": miou, "per_class": per_class, "oacc": oacc, "macc": macc, "unseen_in_train": unseen}
-
-
-def write_results(out, cm, class_names, ckpt, data_name, train_counts=None, unseen_as_nan=False, extra=None):
-    """Prints the per-class table and `mIoU: X`; writes results.json and per_class_iou.png into `out`."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    res = summarise(cm, class_names, train_counts, unseen_as_nan)
-    res.update({"ckpt": ckpt, "data": data_name, **(extra or {})})
-    res["confusion_matrix"] = np.asarray(cm).tolist()
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                               for k, v in res.items()}, indent=1))
-    os.replace(tmp, out / "results.json")
-    plot_per_class(res["per_class"], out / "per_class_iou.png", f"{data_name}: linear probing, mIoU "
-                   f"{res['miou']:.1f}%\n{ckpt or 'random init'}")
-    print(f"{'class':<22}{'IoU %':>8}")
-    for name, v in res["per_class"].items():
-        note = "  (never in train)" if name in res["unseen_in_train"] else ""
-        print(f"{name:<22}{'nan' if v is None else f'{v:.1f}':>8}{note}")
-    print(f"oAcc: {res['oacc']:.1f}  mAcc: {res['macc']:.1f}")
-    print(f"mIoU: {res['miou']:.1f}")
-    return res
-
-
-def plot_per_class(per_class, path, title):
-    """Per-class IoU bar chart (%), one bar per class of the label space."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    names = list(per_class)
-    vals = [np.nan if v is None else v for v in per_class.values()]
-    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(names)), 4))
-    bars = ax.bar(range(len(names)), np.nan_to_num(vals), color="tab:blue")
-    for bar, v in zip(bars, vals):  # value on top; NaN = class absent from GT and predictions (official §5.3)
-        ax.text(bar.get_x() + bar.get_width() / 2, (0 if np.isnan(v) else v) + 1, "n/a" if np.isnan(v) else
-                f"{v:.0f}", ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(range(len(names)), names, rotation=60, ha="right")
-    ax.set_ylabel("IoU (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Where the head's inputs come from: the frozen trunk on every batch (live) or the feature cache.
 # ----------------------------------------------------------------------------------------------------------------
@@ -464,9 +377,10 @@ def feature_source(model, ds, cfg, args, device, train):
 # ----------------------------------------------------------------------------------------------------------------
 # Training loop (Supp. B.3) with atomic checkpoints and --resume.
 # ----------------------------------------------------------------------------------------------------------------
-def probe_config(args, model, ckpt, class_names):
+def probe_config(args, model, ckpt, class_names, cfg):
     return {"stage": "probe", "data": args.data, "ckpt": ckpt, "random_init": args.random_init,
-            "width": backbone_width(model), "depth": backbone_depth(model), "num_classes": len(class_names),
+            "k": cfg.k, "cell": data.cell_size(cfg), "grids": [list(g) for g in cfg.grids],
+            "width": wi.backbone_width(model), "depth": wi.backbone_depth(model), "num_classes": len(class_names),
             "class_names": list(class_names), "args": {k: v for k, v in vars(args).items()}}
 
 
@@ -563,7 +477,7 @@ def train_probe(args, model, train_src, val_src, config, device, out):
             wi.save_checkpoint(out / "ckpt_last.pth", **state)
         if args.eval_every and (epoch + 1) % args.eval_every == 0 and epoch + 1 < args.epochs and it < stop:
             cm = wi.all_reduce_sum(confusion_of_records(head, val_src.records(), num_classes, device, args.amp))
-            miou = summarise(cm, config["class_names"])["miou"]
+            miou = wi.summarise_confusion(cm, config["class_names"], counts, not args.unseen_as_zero)["miou"]
             log.log(epoch=epoch, iteration=it, val_miou=miou)
             wi.print0(f"epoch {epoch + 1}: val mIoU {miou:.1f}")
     return wi.all_reduce_sum(counts)
@@ -722,12 +636,15 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     rank, world, device = wi.ddp_setup()
     wi.seed_everything(args.seed + rank)  # ranks draw different augmentations
-    cfg = data.grid_config(args.data, "probe")
+    # the grid (cell size, kNN k) the backbone was distilled with, unless --cell / --knn say otherwise
+    cfg, grid_text = wi.stage_grid(args.data, "probe", args.cell, args.knn,
+                                   wi.resolve_backbone_checkpoint(args.ckpt, "--random-init", args.random_init))
+    wi.print0(grid_text)
     train_ds, val_ds = open_split(args, "train"), open_split(args, "val")
     class_names = list(val_ds.class_names)
     model, ckpt, arch_from = build_model(args, cfg, len(class_names))
     model = freeze_backbone(model.to(device))
-    wi.print0(f"backbone WI-{backbone_depth(model)}-{backbone_width(model)} "
+    wi.print0(f"backbone WI-{wi.backbone_depth(model)}-{wi.backbone_width(model)} "
               f"({'random init, architecture of ' + arch_from if args.random_init else 'weights of ' + ckpt}); "
               f"{args.data}: {len(train_ds)} train / {len(val_ds)} val scans, {len(class_names)} classes")
     if args.figures and wi.is_main():
@@ -737,7 +654,7 @@ def main(argv=None):
     if args.figures_only:
         return wi.ddp_cleanup()
     out = Path(args.out)
-    config = probe_config(args, model, ckpt, class_names)
+    config = probe_config(args, model, ckpt, class_names, cfg)
     if args.resume:
         check_resumable(out / "ckpt_last.pth", config)
     if wi.is_main():
@@ -753,7 +670,9 @@ def main(argv=None):
         wi.save_checkpoint(out / "model.pth", net=wi.official_state_dict(model), config=config)
         wi.plot_log(out / "log.csv", out / "loss.png", ["loss", "ce", "lovasz"], title=f"linear probing, {args.data}")
         print(f"probing took {time.time() - t0:.0f}s; outputs in {out}")
-        write_results(out, cm, class_names, ckpt, args.data, counts, args.unseen_as_nan)
+        wi.segmentation_report(cm, class_names, out, extra={"ckpt": ckpt, "data": args.data},
+                               title=f"{args.data}: linear probing\n{ckpt or 'random init'}", train_counts=counts,
+                               unseen_as_nan=not args.unseen_as_zero)
     wi.barrier()
     if args.cache_features == "disk" and wi.is_main():
         shutil.rmtree(out / "feature_cache", ignore_errors=True)  # only valid for this run's backbone

@@ -1367,6 +1367,27 @@ def latest_distill_checkpoint(runs='runs'):
     return str(found[-1]) if found else None
 
 
+def resolve_backbone_checkpoint(ckpt, baseline_flag, baseline=False):
+    """`ckpt` (--ckpt), else the newest distill.py output; SystemExit saying what to do when it is missing (None is
+    allowed only for the no-pretraining baseline, `baseline_flag` = '--random-init' / '--scratch')."""
+    ckpt = ckpt or latest_distill_checkpoint()
+    if ckpt is not None and not Path(ckpt).is_file():
+        raise SystemExit(f"Checkpoint not found: {ckpt}. Run `python distill.py` first, pass --ckpt PATH, or use "
+                         f"{baseline_flag} for the no-pretraining baseline.")
+    if ckpt is None and not baseline:
+        raise SystemExit("No checkpoint: none given with --ckpt and no runs/distill*/model.pth found. Run "
+                         f"`python distill.py` first, pass --ckpt PATH, or use {baseline_flag}.")
+    return ckpt
+
+
+def check_backbone_shape(model, ckpt, width=None, depth=None):
+    """SystemExit if --width / --depth were given and differ from the checkpoint's backbone."""
+    for flag, want, have in (('width', width, backbone_width(model)), ('depth', depth, backbone_depth(model))):
+        if want is not None and want != have:
+            raise SystemExit(f"Checkpoint {ckpt} has {flag} {have} but --{flag} {want} was asked: drop "
+                             f"--{flag} or pass a checkpoint of {flag} {want}.")
+
+
 def backbone_width(model):
     """F, the backbone's output channels (the embedding's final 1x1 conv, official names)."""
     return int(unwrap(model).embed.final.weight.shape[0])
