@@ -470,7 +470,7 @@ def student_outputs(model, batch, dims):
 PRESETS = {
     # toy: 288 scan passes (~6 CPU-minutes: a few minutes on 2 cores), not a paper setting. Batch 2 rather than 4
     # for the same compute: 144 updates lift the toy linear probe from 9.3 to 25.9 mIoU (random init: 10.3)
-    'toy': dict(width=64, depth=6, batch_size=2, epochs=6, warmup_epochs=1),
+    'toy': dict(width=64, depth=6, batch_size=2, epochs=60, warmup_epochs=1),
     # Supp. B.2 mono-dataset: WI-256, 19 epochs, batch 16, peak lr after 2 epochs
     'mono': dict(width=256, depth=48, batch_size=16, epochs=19, warmup_epochs=2),
     # Supp. B.2 multi-dataset: WI-256, batch 16, epochs per dataset below, peak lr after 3500 iterations
@@ -493,11 +493,15 @@ def preset_epochs(preset, data_key, n_scans):
     return epochs, f'{table["nuscenes"]} nuScenes epochs rescaled to {n_scans} scans'
 
 
+def is_toy(args):
+    """The embedded toy world: --data toy / toy_kitti, or merged without --root (toy nuScenes + toy KITTI)."""
+    return args.data in ('toy', 'toy_kitti') or (args.data == 'merged' and args.root is None)
+
+
 def resolve_budget(args, names, n_scans, world=1):
     """Fill unset flags from the preset; return (iters_per_epoch, total_iters, stop_iter) and print them.
     names: the dataset(s) pretrained on (toy data counts as the format it mimics), n_scans: their scan count."""
-    toy = args.data in ('toy', 'toy_kitti')
-    args.preset = args.preset or ('toy' if toy else 'wi768')
+    args.preset = args.preset or ('toy' if is_toy(args) else 'wi768')
     p = PRESETS[args.preset]
     for key in ('width', 'depth', 'batch_size'):
         if getattr(args, key) is None:
@@ -574,7 +578,10 @@ def parse_args(argv=None):
            'stored in model.pth, probe.py / finetune.py reuse it')
     a('--amp', default='none', choices=['none', 'fp16', 'bf16'],
       help='autocast precision (official: fp16 + GradScaler; ScaLR+: bf16)')
-    a('--workers', type=int, default=2, help='DataLoader worker processes per rank')
+    a('--workers', type=int, default=None, help='DataLoader worker processes per rank (default: 2; 0 on the toy, '
+      'whose samples take ~15 ms each)')
+    a('--threads', type=int, default=None, help='torch CPU threads (default: torch\'s own; 1 on the toy: on a '
+      'busy 2-core machine, 2 OpenMP threads plus loader workers were measured up to 20x slower)')
     a('--seed', type=int, default=0, help='seed of model init, scan order and per-scan randomness')
     a('--max-iters', type=int, default=0, help='stop after this many iterations (smoke runs; 0 = full budget)')
     a('--save-every', type=int, default=0, help='also write ckpt_last.pth every N iterations (0: each epoch)')
@@ -609,7 +616,7 @@ def build_teachers(args, device):
     unknown = [n for n in names if n not in TEACHERS]
     if unknown:
         raise SystemExit(f'error: unknown teacher(s) {unknown}; valid teachers: {", ".join(TEACHERS)}')
-    toy = args.data in ('toy', 'toy_kitti')
+    toy = is_toy(args)
     teachers = []
     for name, w in zip(names, weights):
         tiny = args.teacher_arch == 'tiny' or (args.teacher_arch == 'auto' and toy and w is None)
@@ -708,6 +715,12 @@ def make_loader(args, ds, cfg, rank, world, device):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.workers is None:
+        args.workers = 0 if is_toy(args) else 2
+    if args.threads is None and is_toy(args) and not torch.cuda.is_available():
+        args.threads = 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rank, world, device = wi.ddp_setup()
     out = Path(args.out)
     if wi.is_main():
@@ -717,7 +730,9 @@ def main(argv=None):
                               sets=args.merged_sets.split(',') if args.data == 'merged' and args.merged_sets else None)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f'error: --data {args.data}: {e}')
-    cfg = data.with_cell(data.grid_config(args.data, 'pretrain'), cell=args.cell, k=args.knn)  # exercises c, d
+    # merged without --root = toy nuScenes + toy KITTI (pillar 3 in miniature): the toy grid and budget
+    grid_key = 'toy' if is_toy(args) else args.data
+    cfg = data.with_cell(data.grid_config(grid_key, 'pretrain'), cell=args.cell, k=args.knn)  # exercises c, d
     cfg.max_points = args.max_points or None
     wi.print0(f'grid: FOV {tuple(cfg.fov_min)}..{tuple(cfg.fov_max)} m, cell {data.cell_size(cfg):g} m -> planes '
               f'{[list(g) for g in cfg.grids]}; kNN k = {cfg.k}; loss {args.loss}; cameras {args.cameras}')

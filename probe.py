@@ -23,6 +23,7 @@ student cannot inherit semantics, so the paper's gap needs real teacher weights 
 """
 import argparse
 import json
+import sys
 import os
 import shutil
 import time
@@ -54,6 +55,9 @@ def parse_args(argv=None):
     p.add_argument("--version", default=None, help="nuScenes version, e.g. v1.0-trainval (data.get_dataset default)")
     p.add_argument("--ckpt", default=None,
                    help="distilled checkpoint (default: newest runs/distill*/model.pth written by distill.py)")
+    p.add_argument("--compare-random", action="store_true",
+                   help="probe the checkpoint, then --random-init with the same architecture, and print both mIoU "
+                        "side by side (README line 1; single process; outputs in --out and --out + '_random')")
     p.add_argument("--random-init", action="store_true",
                    help="no-pretraining baseline: same architecture as --ckpt (or --width/--depth), fresh weights")
     p.add_argument("--width", type=int, default=None,
@@ -679,5 +683,26 @@ def main(argv=None):
     wi.ddp_cleanup()
 
 
+def compare_with_random(argv):
+    """README line 1, the main job's last step: probe the distilled backbone, then a randomly initialised backbone
+    of the same architecture and grid with the same recipe, and print both mIoU side by side (Sec. 1 of the paper:
+    distilled features must beat random ones under a linear probe). Single process only."""
+    argv = [a for a in argv if a != "--compare-random"]
+    rows = []
+    first = Path(resolve_defaults(parse_args(argv)).out)
+    for name, extra in (("distilled (ScaLR)", []), ("random init", ["--random-init", "--out", f"{first}_random"])):
+        out = Path(resolve_defaults(parse_args(argv + extra)).out)
+        main(argv + extra)
+        rows.append((name, json.loads((out / "results.json").read_text())["miou"], out))
+    print("\nlinear probing on the same data, same head, same budget:")
+    print(f"  {'backbone':<20} {'mIoU':>6}  outputs")
+    for name, miou, out in rows:
+        print(f"  {name:<20} {miou:6.1f}  {out}")
+    print(f"  gain from distillation: {rows[0][1] - rows[1][1]:+.1f} mIoU points")
+
+
 if __name__ == "__main__":
-    main()
+    if "--compare-random" in sys.argv[1:]:
+        compare_with_random(sys.argv[1:])
+    else:
+        main()
