@@ -2937,3 +2937,16 @@ def test_course_h_finetune_few_labels_pretrained_vs_scratch(_course_world):
     assert ft["ckpt"] == str(_course_world["runs"] / "distill" / "model.pth")
     grid = [json.loads((_course_world["runs"] / d / "config.json").read_text()) for d in ("ex_ft10", "ex_ft10_scratch")]
     assert [(g["k"], g["cell"]) for g in grid] == [(16, 1.0)] * 2  # both on the distilled model's grid
+
+
+def test_readme_lines_1_and_2_and_exercises_are_the_tested_commands():
+    """README starts with the two copy-paste lines (main job, tests) and lists every exercise command verbatim."""
+    text = (ROOT / "README.md").read_text()
+    lines = text.splitlines()
+    venv = "python3 -m venv .venv && . .venv/bin/activate && pip install -r requirements.txt && "
+    assert lines[0] == venv + "python distill.py && python probe.py --compare-random"
+    assert lines[1] == venv + "python -m pytest -q test_all.py"
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "pytest -q test_all.py" in ci and '"$rc" -eq 5' in ci  # CI runs line 2; "no tests" fails
+    for title, command in EXERCISES:
+        assert command in text, f"README misses exercise {title!r}: {command}"
