@@ -33,6 +33,99 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# ==== [data] Bad input: one line, exit status 2 ====
+# Every stage runs its main() through `run_main`: a bad input (a missing / truncated / corrupt file, a wrong flag)
+# ends the process with ONE line on stderr, `error: <what is wrong> (<which file / flag>): <what to do>`, exit
+# status 2, and no traceback. SCALR_DEBUG=1 in the environment shows the traceback instead (for developers).
+class UserError(Exception):
+    """A bad input the user can fix. str(e) = '<what> (<where>): <todo>'."""
+
+    def __init__(self, what, where=None, todo=None):
+        self.what, self.where, self.todo = what, where, todo
+        super().__init__(what + (f" ({where})" if where else "") + (f": {todo}" if todo else ""))
+
+
+def warn(message):
+    """One `warning: ...` line on stderr (data problems that were handled: dropped points, skipped files)."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def describe_error(err):
+    """The one line printed for an exception escaping a stage's main()."""
+    import errno
+    if isinstance(err, UserError):
+        return str(err)
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return (f"no space left on the device ({err.filename or 'while writing'}): free some space or pass another "
+                f"--out; the previous checkpoint, if any, is intact")
+    if isinstance(err, OSError) and (err.filename or err.strerror):
+        return f"{err.strerror or err} ({err.filename}): check the path and its permissions"
+    if isinstance(err, KeyError):
+        return (f"missing entry {err.args[0] if err.args else ''!r} (an input file is incomplete or of another "
+                f"format): check the dataset files; SCALR_DEBUG=1 shows where it was read")
+    if isinstance(err, (ValueError, EOFError)):
+        return str(err) or type(err).__name__
+    return (f"unexpected {type(err).__name__}: {err} (internal): rerun with SCALR_DEBUG=1 to see the traceback and "
+            f"report it")
+
+
+def run_main(main, *args, **kwargs):
+    """Call a stage's main(); turn any escaping error into one `error:` line and exit status 2."""
+    try:
+        return main(*args, **kwargs)
+    except KeyboardInterrupt:
+        print("error: interrupted (Ctrl-C): rerun with --resume to continue from the last checkpoint",
+              file=sys.stderr)
+        sys.exit(130)
+    except SystemExit as err:
+        if os.environ.get("SCALR_DEBUG") and isinstance(err.code, str):
+            raise
+        if isinstance(err.code, str):  # raise SystemExit("...") anywhere: still one line, status 2
+            text = err.code.strip()
+            print(text if text.startswith("error:") else f"error: {text}", file=sys.stderr, flush=True)
+            sys.exit(2)
+        raise
+    except Exception as err:  # noqa: BLE001 - the point of this function
+        if os.environ.get("SCALR_DEBUG"):
+            raise
+        print(f"error: {describe_error(err)}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+# argparse `type=` checks: a bad value is refused by argparse itself (usage line + `error:`, exit 2) before any
+# data is read.
+def _number_type(cast, low, strict, what):
+    def check(text):
+        import argparse
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not math.isfinite(value) or value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"{text!r} must be {what}")
+        return value
+    check.__name__ = what
+    return check
+
+
+positive_int = _number_type(int, 0, True, "a positive integer")
+nonneg_int = _number_type(int, 0, False, "a non-negative integer (0 or more)")
+positive_float = _number_type(float, 0.0, True, "a positive number")
+nonneg_float = _number_type(float, 0.0, False, "a non-negative number")
+
+
+def image_size_type(text):
+    """'H,W' (e.g. 224,448) -> (H, W), both positive multiples of nothing in particular; argparse type."""
+    import argparse
+    try:
+        h, w = (int(v) for v in str(text).replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not H,W (two positive integers, e.g. 224,448)") from None
+    if h <= 0 or w <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: H and W must be positive (e.g. 224,448)")
+    return h, w
+
+
 IGNORE = 255  # official.md §1.1: raw labels -> 0..K (0 = ignore), then -1, and -1 becomes 255
 
 # --- Final class names, in index order (official.md §1.2-1.4; Supp. B.1 for PandaSet) ---
@@ -2311,8 +2404,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError, KeyError) as err:  # bad input: one clear line, no traceback
-        sys.exit(f"data.py: error: {err}")
+    run_main(main)
 

@@ -907,6 +907,72 @@ def load_training_checkpoint(path, map_location='cpu'):
                          f"torch.load(weights_only=False) only if you trust it. Details: {str(err)[:300]}") from err
 
 
+RUN_FILES = ('ckpt_last.pth', 'log.csv', 'model.pth', 'results.json')  # what makes a folder "a previous run"
+
+
+def prepare_run_dir(out, resume=False, overwrite=False, flag='--out'):
+    """Check the output folder at start, before any data is read (one shared rule for every stage):
+    it must be writable; a folder that already holds a run (RUN_FILES) is refused unless --resume continues it or
+    --overwrite starts over. Raises data.UserError (one line, exit 2)."""
+    import tempfile
+    from data import UserError
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f'{out} exists and is not a folder', flag, 'pass a folder path')
+    found = [n for n in RUN_FILES if (out / n).exists()]
+    if found and not resume and not overwrite:
+        raise UserError(f'{out} already holds a run ({", ".join(found)})', flag,
+                        'continue it with --resume, start over with --overwrite, or pass another --out')
+    if resume and not (out / 'ckpt_last.pth').is_file():
+        raise UserError(f'nothing to resume: no ckpt_last.pth in {out}', '--resume',
+                        'run once without --resume, or point --out to the folder of a previous run')
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix='.write_test_'):
+            pass
+    except OSError as err:
+        raise UserError(f'output folder {out} is not writable ({err.strerror or err})', flag,
+                        'pass a writable --out DIR') from None
+    if overwrite and not resume:
+        for n in RUN_FILES:
+            with contextlib.suppress(FileNotFoundError):
+                (out / n).unlink()
+    return out
+
+
+def check_resume_config(path, saved, current, keys=None, stage=None):
+    """--resume must continue the same run: refuse, listing every setting that differs between the checkpoint's
+    config and this command line (keys: which settings count; default all keys of `current`)."""
+    from data import UserError
+    saved = saved or {}
+    if stage is not None and saved.get('stage', stage) != stage:
+        raise UserError(f'{path} is not a checkpoint of this stage (it was written by {saved.get("stage")})',
+                        '--resume', 'pass the --out of a previous run of this stage')
+    keys = list(current) if keys is None else keys
+    diff = [f'{k}: {saved.get(k)!r} in the checkpoint, {current.get(k)!r} now' for k in keys
+            if k in saved and _plain(saved.get(k)) != _plain(current.get(k))]
+    if diff:
+        raise UserError(f'cannot --resume from {path}: settings differ ({"; ".join(diff)})', '--resume',
+                        'resume with the same flags, or use another --out (or --overwrite) to start a new run')
+
+
+def resolve_device(name=None):
+    """--device: None/'auto' = cuda if available else cpu; refuse cuda without a GPU (before data is read)."""
+    from data import UserError
+    if name in (None, 'auto'):
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f'unknown device {name!r}', '--device', 'use cpu, cuda or cuda:N') from None
+    if dev.type == 'cuda' and not torch.cuda.is_available():
+        raise UserError('CUDA was asked for but no GPU is visible to torch', '--device',
+                        'pass --device cpu, or check the driver / CUDA_VISIBLE_DEVICES')
+    if dev.type == 'cuda' and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f'{name}: only {torch.cuda.device_count()} GPU(s) visible', '--device', 'pick another index')
+    return dev
+
+
 def _load_weights_strict(model, weights, where):
     """load_state_dict(strict=True) with a readable error (missing / unexpected keys, shape mismatches)."""
     weights = {_strip_wrappers(k): v for k, v in weights.items()}
