@@ -71,6 +71,8 @@ def describe_error(err):
 
 def run_main(main, *args, **kwargs):
     """Call a stage's main(); turn any escaping error into one `error:` line and exit status 2."""
+    if not os.environ.get("SCALR_DEBUG"):  # a warning is one `warning: ...` line too (no file:line, no source)
+        warnings.formatwarning = lambda message, category, *_, **__: f"warning: {message}\n"
     try:
         return main(*args, **kwargs)
     except KeyboardInterrupt:
@@ -181,6 +183,7 @@ INTENSITY_STATS = {
 }
 
 DATASET_NAMES = ["toy", "toy_kitti", "nuscenes", "semantic_kitti", "pandaset64", "pandasetgt", "merged"]
+SPLIT_NAMES = ("train", "val", "test", "all")  # get_dataset's splits (a nuScenes --split-file may name others)
 _LABEL_SPACE = {"toy": "nuscenes", "nuscenes": "nuscenes", "toy_kitti": "semantic_kitti",
                 "semantic_kitti": "semantic_kitti", "pandaset64": "pandaset", "pandasetgt": "pandaset",
                 "pandaset": "pandaset"}
@@ -309,40 +312,90 @@ def open_labelled_split(name, split, root=None, version=None, purpose="training"
 
 
 # ==== [data] Readers of the native layouts ====
-class NoVisiblePointError(ValueError):
+# Every error of a reader is a UserError naming the file (one `error:` line through run_main). The classes below
+# also derive from the built-in type a caller may catch (ValueError: bad content; FileNotFoundError: absent file).
+class DataFileError(UserError, ValueError):
+    """A dataset file is truncated, corrupt, incomplete or inconsistent with another file."""
+
+
+class SettingError(UserError, ValueError):
+    """A dataset name, split or other setting that cannot work with the data given."""
+
+
+class MissingDataFileError(UserError, FileNotFoundError):
+    """A dataset file or folder that the layout requires is absent."""
+
+
+class NoVisiblePointError(UserError, ValueError):
     """A scan has no point inside any of its camera images (distillation can skip it)."""
 
 
-class MissingCameraError(FileNotFoundError):
+class NoPointInFovError(UserError, ValueError):
+    """No point of a scan is left inside the field of view after voxelization and crop."""
+
+
+class MissingCameraError(UserError, FileNotFoundError):
     """A scan has no record / image for a camera (skip that camera)."""
 
 
+class UnreadableImageError(MissingCameraError):
+    """A camera image exists but cannot be decoded (truncated / corrupt file): skipped like a missing one."""
+
+
 def _read_records(path, dtype, ncols, what):
-    """Flat binary file -> (N, ncols) array; clear error if missing or truncated."""
+    """Flat binary file -> (N, ncols) array; one clear line naming the file if it is missing or truncated
+    (its size must be a whole number of records: a cut-off .bin is blamed on the .bin itself)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{what} file not found: {path}. Check the dataset root / that the download "
-                                f"was fully extracted.")
-    raw = np.fromfile(path, dtype=dtype)
+        raise MissingDataFileError(f"{what} file not found", path, "check the dataset root and that the "
+                                   "download was fully extracted")
     record = np.dtype(dtype).itemsize * ncols
-    if path.stat().st_size % record:
-        raise ValueError(f"{what} file {path} is truncated: {path.stat().st_size} bytes is not a multiple of the "
-                         f"{record}-byte record ({ncols} x {np.dtype(dtype).name}). Re-download/re-extract it.")
-    return raw.reshape(-1, ncols)
+    size = path.stat().st_size
+    if size % record:
+        raise DataFileError(f"{what} file {path.name} is truncated: {size} bytes is not a multiple of the "
+                            f"{record}-byte record ({ncols} x {np.dtype(dtype).name})", path,
+                            "re-download / re-extract this file")
+    return np.fromfile(path, dtype=dtype).reshape(-1, ncols)
+
+
+def read_records(path, dtype, ncols, what="scan"):
+    """Public form of _read_records, for scan readers outside data.py (e.g. `waffleiron.py features`)."""
+    return _read_records(path, dtype, ncols, what)
+
+
+_NONFINITE_WARNED = set()  # files already warned about: one warning per file and process
+
+
+def drop_nonfinite(points, path):
+    """The ONE place where non-finite points are removed, called by every reader where it reads a scan.
+
+    points: (N, >= 4) rows [x, y, z, intensity, ...] as read from `path`. Returns (points[keep], keep), keep =
+    bool (N,) over the rows of the file (the readers filter the labels of the same file with it, so points and
+    labels stay aligned). A single NaN/inf coordinate would make voxelize's grid origin min(xyz) NaN and collapse
+    the scan into one voxel; a NaN intensity would reach the grids through the features. One warning per file."""
+    points = np.asarray(points)
+    keep = np.isfinite(points[:, :4]).all(axis=1)  # (N,)
+    if keep.all():
+        return points, keep
+    if str(path) not in _NONFINITE_WARNED:
+        _NONFINITE_WARNED.add(str(path))
+        warn(f"{int((~keep).sum())} of {len(keep)} points have a NaN/inf coordinate or intensity and are dropped, "
+             f"with their labels ({path})")
+    return points[keep], keep
 
 
 def _map_labels(raw, lut, path, count):
     """Raw label ids -> 0..K-1 / IGNORE with checks: count == number of points, every id in the official table."""
     if len(raw) != count:
-        raise ValueError(f"label file {path} has {len(raw)} labels but the scan has {count} points; the label "
-                         f"file does not belong to this scan (or one of them is corrupt).")
+        raise DataFileError(f"label file {Path(path).name} has {len(raw)} labels but the scan has {count} points",
+                            path, "the label file does not belong to this scan, or one of them is corrupt")
     raw = raw.astype(np.int64)
     bad = (raw < 0) | (raw >= len(lut))
     mapped = np.where(bad, -1, lut[np.clip(raw, 0, len(lut) - 1)])
     if (mapped < 0).any():
         unknown = np.unique(raw[mapped < 0])[:10].tolist()
-        raise ValueError(f"label file {path} contains ids {unknown} that are not in the official class map "
-                         f"(official.md §1); wrong dataset or corrupt file.")
+        raise DataFileError(f"label file {Path(path).name} contains ids {unknown} that are not in the official "
+                            f"class map (Supp. B.1)", path, "wrong dataset or corrupt file")
     return mapped
 
 
@@ -350,20 +403,91 @@ def _image_hw(path, default=None):
     """(H, W) from the image header (PIL, lazy); `default` when the file is missing."""
     if not Path(path).is_file():
         if default is None:
-            raise FileNotFoundError(f"camera image not found: {path}")
+            raise MissingCameraError("camera image not found", path, "skip this camera or re-extract the images")
         return default
     from PIL import Image
-    with Image.open(path) as im:
-        return im.size[1], im.size[0]
+    try:
+        with Image.open(path) as im:
+            return im.size[1], im.size[0]
+    except (OSError, ValueError, SyntaxError) as err:  # PIL: UnidentifiedImageError is an OSError
+        raise _unreadable_image(path, err) from None
+
+
+_UNREADABLE_WARNED = set()
+
+
+def _unreadable_image(path, err):
+    """UnreadableImageError for `path` (warned once per file: the caller skips the camera and counts it)."""
+    if str(path) not in _UNREADABLE_WARNED:
+        _UNREADABLE_WARNED.add(str(path))
+        warn(f"camera image cannot be decoded ({type(err).__name__}: {err}), skipped like a missing one ({path})")
+    return UnreadableImageError(f"camera image cannot be decoded ({type(err).__name__}: {err})", path,
+                                "re-extract the images; the camera is skipped meanwhile")
 
 
 def _load_image(path):
-    """RGB uint8 (H, W, 3); FileNotFoundError naming the file if missing."""
+    """RGB uint8 (H, W, 3); MissingCameraError naming the file if missing, UnreadableImageError (a subclass, so
+    the skip paths treat it alike) if truncated or corrupt (PIL decodes lazily: the error comes at convert)."""
     if not Path(path).is_file():
-        raise MissingCameraError(f"camera image not found: {path}. Skip this camera or re-extract the images.")
+        raise MissingCameraError("camera image not found", path, "skip this camera or re-extract the images")
     from PIL import Image
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError) as err:
+        raise _unreadable_image(path, err) from None
+
+
+def _load_json(path, what, todo="re-extract it from the dataset download"):
+    """Parsed JSON of `path`; a file that is not valid JSON gives one line naming the file and the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingDataFileError(f"{what} not found", path, todo)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as err:
+        raise DataFileError(f"{what} is not valid JSON ({err.msg})", f"{path}, line {err.lineno} column "
+                            f"{err.colno}", todo) from None
+    except UnicodeDecodeError as err:
+        raise DataFileError(f"{what} is not a UTF-8 text file ({err.reason})", path, todo) from None
+
+
+def load_list_file(path, what="list file"):
+    """A user-supplied list: .npy -> array, .npz -> {key: array}, anything else -> list of non-empty text lines.
+
+    Arrays are loaded with allow_pickle=False: a pickled (object) array can run code when loaded, and the
+    official ScaLR lists are plain string arrays. One line says so when a file needs pickle."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingDataFileError(f"{what} not found", path, "check the path")
+    try:
+        if path.suffix == ".npy":
+            return np.load(path, allow_pickle=False)
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except ValueError as err:
+        if "pickle" in str(err):
+            raise DataFileError(f"{what} holds a pickled (object) array, which is refused: unpickling can run code",
+                            path, "save it as a plain string array, e.g. np.save(path, np.asarray(entries, "
+                                  "dtype=str))") from None
+        raise DataFileError(f"{what} cannot be read ({err})", path, "pass a .npy / .npz of strings or a text "
+                            "file with one entry per line") from None
+    except (UnicodeDecodeError, OSError, EOFError) as err:
+        raise DataFileError(f"{what} cannot be read ({type(err).__name__}: {err})", path,
+                            "pass a .npy / .npz of strings or a text file with one entry per line") from None
+
+
+def _inside_root(rel, root, where):
+    """A file name of a dataset table, relative to the dataset root: refused if absolute or leaving the root
+    ('../../x'), so that a table can only make the reader open files of the dataset itself."""
+    parts = str(rel).replace("\\", "/").split("/")
+    if os.path.isabs(str(rel)) or str(rel).startswith(("/", "\\")) or ".." in parts or ":" in parts[0]:
+        raise DataFileError(f"file name {str(rel)!r} leaves the dataset root {root}", where,
+                            "the table must hold paths relative to the root; fix or re-extract it")
+    return rel
 
 
 class _LidarDataset:
@@ -382,6 +506,19 @@ class _LidarDataset:
         # official.md §1.1: (i - MEAN) / STD per dataset / lidar
         mean, std = INTENSITY_STATS[self.name]
         return ((np.asarray(intensity, dtype=np.float32) - mean) / std).astype(np.float32)
+
+    def points(self, i):
+        """(N, 4) float32 x, y, z, intensity (native units) of scan i, rows with NaN/inf dropped (drop_nonfinite)."""
+        return self._finite_scan(i)[0].copy()
+
+    def _finite_scan(self, i):
+        """(finite points (N, 4), keep (N_file,) bool) of scan i. The last scan read is kept, so that labels(i),
+        which needs `keep` to stay aligned with points(i), and points(i) read the file once."""
+        cached = getattr(self, "_scan_cache", None)
+        if cached is None or cached[0] != i:
+            pts, keep = drop_nonfinite(self._read_points(i), self.scan_file(i))
+            self._scan_cache = (i, pts, keep)
+        return self._scan_cache[1], self._scan_cache[2]
 
     def available_cameras(self, i):
         """Cameras of scan i whose image exists; a missing file gives a warning and is skipped."""
@@ -406,19 +543,69 @@ class _LidarDataset:
         return _load_image(self.image_path(i, cam))
 
 
-def _empty_split_error(what, split, root, hint):
-    return ValueError(f"{what}: split {split!r} at {root} contains no scan. {hint}")
+def _empty_split_error(what, split, root, hint, this=None):
+    return DataFileError(f"{what}: split {split!r} contains no scan", root, hint + _layout_hint(root, this))
+
+
+def _layout_hint(root, this=None):
+    """' (this folder looks like a <dataset> root: pass --data <name>)' when `root` holds the layout of a dataset
+    other than `this` (a KITTI root given as nuScenes, ...), else ''."""
+    root = Path(root)
+    if not root.is_dir():
+        return ""
+    if any(root.glob("v1.0-*")):
+        guess = ("nuscenes", "nuScenes", "nuscenes")
+    elif (root / "sequences").is_dir() or (root / "dataset" / "sequences").is_dir():
+        guess = ("semantic_kitti", "SemanticKITTI", "semantic_kitti")
+    elif any((p / "lidar").is_dir() and (p / "meta").is_dir() for p in root.iterdir() if p.is_dir()):
+        guess = ("pandaset", "PandaSet", "pandaset64 or pandasetgt")
+    else:
+        return ""
+    return "" if guess[0] == this else f" (this folder looks like a {guess[1]} root: pass --data {guess[2]})"
+
+
+# Fields of each nuScenes table that this reader uses (nuScenes schema); every record is checked at load time so
+# that an incomplete table ends in one line naming it, not in a KeyError in the middle of a run.
+_NUSCENES_FIELDS = {
+    "sample": ("token", "scene_token", "timestamp"),
+    "sample_data": ("token", "sample_token", "calibrated_sensor_token", "ego_pose_token", "filename"),
+    "calibrated_sensor": ("token", "sensor_token", "translation", "rotation", "camera_intrinsic"),
+    "sensor": ("token", "channel"),
+    "ego_pose": ("token", "translation", "rotation"),
+    "scene": ("token", "name"),
+    "lidarseg": ("sample_data_token", "filename"),
+}
+_NUSCENES_TODO = "re-extract the version folder from the nuScenes download (tables of one release)"
 
 
 def _nuscenes_table(folder, name, required=True):
+    """Records of <folder>/<name>.json: a JSON list of objects, each with the fields in _NUSCENES_FIELDS."""
     path = Path(folder) / f"{name}.json"
     if not path.is_file():
         if not required:
             return []
-        raise FileNotFoundError(f"nuScenes table missing: {path}. The version folder must hold the JSON tables "
-                                f"of the official download (sample.json, sample_data.json, ...).")
-    with open(path) as f:
-        return json.load(f)
+        raise MissingDataFileError("nuScenes table missing", path, "the version folder must hold the JSON tables "
+                                   "of the official download (sample.json, sample_data.json, ...)")
+    records = _load_json(path, f"nuScenes table {name}.json", _NUSCENES_TODO)
+    if not isinstance(records, list):
+        raise DataFileError(f"nuScenes table {name}.json is a JSON {type(records).__name__}, not a list of "
+                            f"records", path, _NUSCENES_TODO)
+    fields = set(_NUSCENES_FIELDS.get(name, ()))
+    for k, rec in enumerate(records):
+        if not isinstance(rec, dict) or not fields <= rec.keys():
+            missing = sorted(fields - set(rec)) if isinstance(rec, dict) else f"(a {type(rec).__name__})"
+            raise DataFileError(f"record {k} of nuScenes table {name}.json lacks field(s) {missing}", path,
+                                _NUSCENES_TODO)
+    return records
+
+
+def _nuscenes_ref(index, token, table, where):
+    """index[token]; a dangling token (no record of `table` has it) gives one line naming the table and token."""
+    rec = index.get(token)
+    if rec is None:
+        raise DataFileError(f"dangling token {token!r}: no record of nuScenes table {table}.json has it", where,
+                            _NUSCENES_TODO)
+    return rec
 
 
 def nuscenes_scene_names(version, all_names, split, split_file=None):
@@ -426,10 +613,14 @@ def nuscenes_scene_names(version, all_names, split, split_file=None):
     if split == "all":
         return sorted(all_names)
     if split_file is not None:
-        with open(split_file) as f:
-            lists = json.load(f)
-        if split not in lists:
-            raise ValueError(f"split file {split_file} has no key {split!r} (keys: {sorted(lists)})")
+        lists = _load_json(split_file, "split file", "pass a JSON file {\"train\": [scene names], \"val\": [...]}")
+        if not isinstance(lists, dict) or split not in lists:
+            keys = sorted(lists) if isinstance(lists, dict) else f"a JSON {type(lists).__name__}, not an object"
+            raise DataFileError(f"split file has no key {split!r} (keys: {keys})", split_file,
+                                "pass a JSON file {\"train\": [scene names], \"val\": [...]} or another --split")
+        if not isinstance(lists[split], list) or not all(isinstance(n, str) for n in lists[split]):
+            raise DataFileError(f"split file entry {split!r} is not a list of scene names", split_file,
+                                "list the scene names as strings, e.g. [\"scene-0001\", ...]")
         return sorted(set(lists[split]) & set(all_names))
     if "mini" in version:
         return sorted(set(NUSCENES_SPLITS.get(f"mini_{split}", [])) & set(all_names))
@@ -448,27 +639,29 @@ def _official_nuscenes_list(split_file, split):
     (lidar path, label path, token); official.md §1.2), or None when split_file is not such a file."""
     if split_file is None or not str(split_file).endswith(".npz"):
         return None
-    lists = np.load(split_file, allow_pickle=True)
-    if split not in lists.files:
-        raise ValueError(f"{split_file} has no key {split!r} (keys: {lists.files})")
+    lists = load_list_file(split_file, "split file")  # {key: array}, no pickle
+    if split not in lists:
+        raise DataFileError(f"split file has no key {split!r} (keys: {sorted(lists)})", split_file,
+                            "pass the official list_files_nuscenes.npz or another --split")
     return {Path(str(e[0] if isinstance(e, (list, tuple, np.ndarray)) else e)).name for e in lists[split].tolist()}
 
 
 def _find_nuscenes_version(root, version):
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"nuScenes root not found: {root}. Pass --root pointing at the folder that holds "
-                                f"samples/ and v1.0-*/.")
+        raise MissingDataFileError("nuScenes root not found", root, "pass --root pointing at the folder that holds "
+                                   "samples/ and v1.0-*/")
     if version is None:
         found = [v for v in ("v1.0-trainval", "v1.0-mini", "v1.0-test") if (root / v).is_dir()]
         if not found:
-            raise FileNotFoundError(f"no nuScenes version folder (v1.0-trainval / v1.0-mini / v1.0-test) in "
-                                    f"{root}; pass --root of the extracted nuScenes download.")
+            raise MissingDataFileError("no nuScenes version folder (v1.0-trainval / v1.0-mini / v1.0-test)", root,
+                                       "pass --root of the extracted nuScenes download"
+                                       + _layout_hint(root, "nuscenes"))
         version = found[0]
     if not (root / version).is_dir():
         have = sorted(p.name for p in root.glob("v1.0-*"))
-        raise FileNotFoundError(f"nuScenes version folder not found: {root / version} (present: {have or 'none'}); "
-                                f"pass --version with one of them.")
+        raise MissingDataFileError(f"nuScenes version folder {version!r} not found (present: {have or 'none'})",
+                                   root / version, "pass --version with one of them" + _layout_hint(root, "nuscenes"))
     return version
 
 
@@ -486,33 +679,57 @@ class NuScenes(_LidarDataset):
                                                       "ego_pose", "scene")}
         self._cs = {r["token"]: r for r in tab["calibrated_sensor"]}
         self._pose = {r["token"]: r for r in tab["ego_pose"]}
-        channel_of = {r["token"]: r["channel"] for r in tab["sensor"]}
         label_of = {r["sample_data_token"]: r["filename"] for r in _nuscenes_table(folder, "lidarseg", False)}
-        by_sample = {}
-        for sd in tab["sample_data"]:  # keyframe sample_data of every sensor, per sample
-            if sd.get("is_key_frame", True):
-                ch = channel_of[self._cs[sd["calibrated_sensor_token"]]["sensor_token"]]
-                by_sample.setdefault(sd["sample_token"], {})[ch] = sd
+        by_sample = self._keyframes_by_sample(folder, tab)
         scene_name = {s["token"]: s["name"] for s in tab["scene"]}
         official = _official_nuscenes_list(split_file, split)  # official list_files_nuscenes.npz, if given
-        keep = set(nuscenes_scene_names(self.version, scene_name.values(), "all" if official else split,
-                                        None if official else split_file))
-        samples = sorted((s for s in tab["sample"] if scene_name[s["scene_token"]] in keep),
-                         key=lambda s: (scene_name[s["scene_token"]], s["timestamp"]))
+        keep = set(nuscenes_scene_names(self.version, scene_name.values(), split if official is None else "all",
+                                        split_file if official is None else None))
+        where = f"{folder / 'sample.json'}, field scene_token"
+        samples = sorted((s for s in tab["sample"] if _nuscenes_ref(scene_name, s["scene_token"], "scene", where)
+                          in keep), key=lambda s: (scene_name[s["scene_token"]], s["timestamp"]))
         self.scans = []  # dict(sample, lidar sd, cams {channel: sd}, label filename or None)
         for s in samples:
             sds = by_sample.get(s["token"], {})
-            if "LIDAR_TOP" not in sds or (official and Path(sds["LIDAR_TOP"]["filename"]).name not in official):
+            if "LIDAR_TOP" not in sds or (official is not None
+                                           and Path(sds["LIDAR_TOP"]["filename"]).name not in official):
                 continue
             cams = {c: sds[c] for c in NUSCENES_CAMERAS if c in sds}
             self.scans.append(dict(sample=s["token"], lidar=sds["LIDAR_TOP"], cams=cams,
                                    label=label_of.get(sds["LIDAR_TOP"]["token"])))
         if not self.scans:
             raise _empty_split_error(f"nuScenes {self.version}", split, self.root,
-                                     f"Scenes in this version: {sorted(scene_name.values())[:12]}; use "
-                                     f"split='all' or a --split-file that lists them.")
+                                     f"scenes in this version: {sorted(scene_name.values())[:12]}; use "
+                                     f"--split all or a --split-file that lists them", "nuscenes")
+        self._check_scan_records(folder)
         self.cameras = list(NUSCENES_CAMERAS)
         self.has_labels = any(s["label"] is not None for s in self.scans)
+
+    def _keyframes_by_sample(self, folder, tab):
+        """{sample token: {channel: keyframe sample_data record}}; a dangling calibrated_sensor / sensor token
+        ends in one line naming the table and the token."""
+        channel_of = {r["token"]: r["channel"] for r in tab["sensor"]}
+        where_cs = f"{folder / 'sample_data.json'}, field calibrated_sensor_token"
+        where_sensor = f"{folder / 'calibrated_sensor.json'}, field sensor_token"
+        by_sample = {}
+        for sd in tab["sample_data"]:  # keyframe sample_data of every sensor, per sample
+            if sd.get("is_key_frame", True):
+                cs = _nuscenes_ref(self._cs, sd["calibrated_sensor_token"], "calibrated_sensor", where_cs)
+                ch = _nuscenes_ref(channel_of, cs["sensor_token"], "sensor", where_sensor)
+                by_sample.setdefault(sd["sample_token"], {})[ch] = sd
+        return by_sample
+
+    def _check_scan_records(self, folder):
+        """Checks, at construction rather than hours into a run, every record the kept scans will use: the
+        ego_pose of each lidar / camera sample_data exists, and every file name stays inside the root."""
+        for s in self.scans:
+            for sd in [s["lidar"], *s["cams"].values()]:
+                where = f"{folder / 'sample_data.json'}, record {sd['token']}"
+                _nuscenes_ref(self._pose, sd["ego_pose_token"], "ego_pose", where + ", field ego_pose_token")
+                _inside_root(sd["filename"], self.root, where + ", field filename")
+            if s["label"] is not None:
+                _inside_root(s["label"], self.root, f"{folder / 'lidarseg.json'}, entry of sample_data "
+                                                    f"{s['lidar']['token']}")
 
     def __len__(self):
         return len(self.scans)
@@ -524,8 +741,8 @@ class NuScenes(_LidarDataset):
         for i, s in enumerate(self.scans):
             if sample_token in (s["sample"], s["lidar"]["token"]):
                 return i
-        raise KeyError(f"sample {sample_token} is not in split {self.split!r} of {self.root / self.version}; "
-                       f"try --split all")
+        raise SettingError(f"sample {sample_token} is not in split {self.split!r} of nuScenes {self.version}",
+                           f"--sample, root {self.root}", "check the token or try --split all")
 
     def scan_has_labels(self, i):
         return self.scans[i]["label"] is not None
@@ -536,21 +753,26 @@ class NuScenes(_LidarDataset):
     def lidar_path(self, i):
         return self.root / self.scans[i]["lidar"]["filename"]
 
-    def points(self, i):
-        # *.pcd.bin: float32 x, y, z, intensity, ring (ring dropped, official.md §1.1)
-        return _read_records(self.lidar_path(i), np.float32, 5, "nuScenes lidar")[:, :4].copy()
+    def scan_file(self, i):
+        return self.lidar_path(i)
+
+    def _read_points(self, i):
+        # *.pcd.bin: float32 x, y, z, intensity, ring (ring dropped, official.md §1.1); all rows of the file
+        return _read_records(self.lidar_path(i), np.float32, 5, "nuScenes lidar")[:, :4]
 
     def labels(self, i):
+        """(N,) int64 labels of points(i) (same rows: those dropped as non-finite are dropped here too)."""
         scan = self.scans[i]
         if scan["label"] is None:
-            raise ValueError(f"nuScenes sample {scan['sample']} has no lidarseg labels (no lidarseg.json entry "
-                             f"in {self.root / self.version}); install nuScenes-lidarseg or use unlabelled stages.")
+            raise DataFileError(f"nuScenes sample {scan['sample']} has no lidarseg labels (no lidarseg.json "
+                                f"entry)", self.root / self.version, "install nuScenes-lidarseg or use unlabelled "
+                                                                     "stages")
         path = self.root / scan["label"]
         if not path.is_file():
-            raise FileNotFoundError(f"lidarseg label file not found: {path}; extract nuScenes-lidarseg into "
-                                    f"{self.root}")
-        n = self.lidar_path(i).stat().st_size // 20  # 5 x float32 per point
-        return _map_labels(np.fromfile(path, dtype=np.uint8), NUSCENES_LUT, path, n)
+            raise MissingDataFileError("lidarseg label file not found", path,
+                                       f"extract nuScenes-lidarseg into {self.root}")
+        keep = self._finite_scan(i)[1]  # (N_file,) rows of the .pcd.bin kept by drop_nonfinite
+        return _map_labels(np.fromfile(path, dtype=np.uint8), NUSCENES_LUT, path, len(keep))[keep]
 
     def image_path(self, i, cam):
         return str(self.root / self._cam_record(i, cam)["filename"])
@@ -565,10 +787,16 @@ class NuScenes(_LidarDataset):
     def lidar_to_image(self, i, cam):
         """(3, 4) float64 matrix K @ [cam <- lidar] for scan i and camera cam (official.md §2.2 chain)."""
         lid, sd = self.scans[i]["lidar"], self._cam_record(i, cam)
-        cs_cam = self._cs[sd["calibrated_sensor_token"]]
-        T = nuscenes_lidar_to_camera(self._cs[lid["calibrated_sensor_token"]], self._pose[lid["ego_pose_token"]],
-                                     self._pose[sd["ego_pose_token"]], cs_cam)
-        return np.asarray(cs_cam["camera_intrinsic"], dtype=np.float64) @ T[:3]
+        cs_cam = self._cs[sd["calibrated_sensor_token"]]  # tokens checked at construction (_check_scan_records)
+        where = f"{self.root / self.version / 'calibrated_sensor.json'}, record {cs_cam['token']}"
+        try:
+            K = np.asarray(cs_cam["camera_intrinsic"], dtype=np.float64).reshape(3, 3)
+            T = nuscenes_lidar_to_camera(self._cs[lid["calibrated_sensor_token"]],
+                                         self._pose[lid["ego_pose_token"]], self._pose[sd["ego_pose_token"]], cs_cam)
+        except (ValueError, TypeError) as err:  # wrong-length quaternion / translation / 3x3 intrinsic
+            raise DataFileError(f"calibration of {cam} for sample {self.scan_id(i)} is malformed ({err})", where,
+                                _NUSCENES_TODO) from None
+        return K @ T[:3]
 
     def project(self, i, cam, min_depth=1.0):
         sd = self._cam_record(i, cam)
@@ -579,18 +807,37 @@ class NuScenes(_LidarDataset):
         out = project_with_matrix(self.points(i)[:, :3], self.lidar_to_image(i, cam), hw, min_depth, lo=1.0, hi=1.0)
         return dict(out, image_path=path, hw=hw)
 
-def read_kitti_calib(path):
-    """KITTI calib text -> {key: float64 array}; reads up to the first blank line (official.md §2.3)."""
+_KITTI_CALIB_SIZES = {"P0": 12, "P1": 12, "P2": 12, "P3": 12, "Tr": 12, "Tr_velo_to_cam": 12, "R0_rect": 9,
+                      "Tr_imu_to_velo": 12}
+_KITTI_CALIB_TODO = "re-extract it from the KITTI calibration download"
+
+
+def read_kitti_calib(path, need=()):
+    """KITTI calib text -> {key: float64 array}; reads up to the first blank line (official.md §2.3).
+    need: keys that must be present, each alternative a 'A|B' string (e.g. 'Tr|Tr_velo_to_cam'); a missing key,
+    a line that is not `key: numbers` or a matrix of the wrong size gives one line naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"KITTI calibration file not found: {path}; SemanticKITTI needs "
-                                f"sequences/SS/calib.txt (from the KITTI odometry calib download).")
+        raise MissingDataFileError("KITTI calibration file not found", path, "SemanticKITTI needs sequences/SS/"
+                                   "calib.txt (from the KITTI odometry calib download)")
     calib = {}
-    for line in path.read_text().splitlines():
+    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
         if not line.strip():
             break
-        key, values = line.split(":", 1)
-        calib[key.strip()] = np.array([float(v) for v in values.split()], dtype=np.float64)
+        key, sep, values = line.partition(":")
+        key = key.strip() if sep else (line.split() or ["KEY"])[0]
+        try:
+            calib[key] = np.array([float(v) for v in values.split()], dtype=np.float64)
+        except ValueError:
+            sep = ""
+        size = _KITTI_CALIB_SIZES.get(key)
+        if not sep or (size and calib[key].size != size):
+            raise DataFileError(f"KITTI calibration line {n} is not `{key}: {size or 'some'} numbers`", path,
+                                _KITTI_CALIB_TODO)
+    for keys in need:
+        if not any(k in calib for k in keys.split("|")):
+            raise DataFileError(f"KITTI calibration has no {' or '.join(keys.split('|'))} matrix (keys: "
+                                f"{sorted(calib)})", path, _KITTI_CALIB_TODO)
     return calib
 
 
@@ -615,22 +862,26 @@ class SemanticKitti(_LidarDataset):
     def __init__(self, root, split="train", sequences=None):
         self.root = Path(root)
         if not self.root.is_dir():
-            raise FileNotFoundError(f"SemanticKITTI root not found: {self.root}; pass --root of the folder that "
-                                    f"holds dataset/sequences/ (or sequences/).")
+            raise MissingDataFileError("SemanticKITTI root not found", self.root, "pass --root of the folder that "
+                                       "holds dataset/sequences/ (or sequences/)")
         cands = [self.root / "dataset" / "sequences", self.root / "sequences"]
         self.seq_dir = next((c for c in cands if c.is_dir()), None)
         if self.seq_dir is None:
-            raise FileNotFoundError(f"no sequences/ folder under {self.root} (looked for {cands[0]} and "
-                                    f"{cands[1]}); extract the SemanticKITTI and KITTI odometry downloads there.")
+            raise MissingDataFileError(f"no sequences/ folder (looked for {cands[0]} and {cands[1]})", self.root,
+                                       "extract the SemanticKITTI and KITTI odometry downloads there"
+                                       + _layout_hint(self.root, "semantic_kitti"))
         self.split = split
         if sequences is None:
+            if split != "all" and split not in SEMANTIC_KITTI_SPLITS:
+                raise SettingError(f"unknown SemanticKITTI split {split!r}", "--split",
+                                   f"use one of {sorted(SEMANTIC_KITTI_SPLITS)} or all")
             present = sorted(p.name for p in self.seq_dir.iterdir() if p.is_dir())
             sequences = present if split == "all" else SEMANTIC_KITTI_SPLITS[split]
         # official: files sorted by full path
         self.files = sorted(str(p) for s in sequences for p in (self.seq_dir / s / "velodyne").glob("*.bin"))
         if not self.files:
             raise _empty_split_error("SemanticKITTI", split, self.seq_dir,
-                                     f"Expected sequences {list(sequences)} with velodyne/*.bin.")
+                                     f"expected sequences {list(sequences)} with velodyne/*.bin", "semantic_kitti")
         self.cameras = list(KITTI_CAMERAS)
         self.has_labels = all(Path(self.label_path(i)).is_file() for i in range(len(self.files)))
         self._calib = {}
@@ -652,16 +903,21 @@ class SemanticKitti(_LidarDataset):
         p = Path(self.files[i])
         return str(p.parent.parent / "labels" / (p.stem + ".label"))
 
-    def points(self, i):
-        return _read_records(self.files[i], np.float32, 4, "SemanticKITTI velodyne")
+    def scan_file(self, i):
+        return self.files[i]
+
+    def _read_points(self, i):
+        return _read_records(self.files[i], np.float32, 4, "SemanticKITTI velodyne")  # x, y, z, remission
 
     def labels(self, i):
+        """(N,) int64 labels of points(i) (same rows: those dropped as non-finite are dropped here too)."""
         path = Path(self.label_path(i))
         if not path.is_file():
-            raise FileNotFoundError(f"SemanticKITTI label file not found: {path} (test sequences 11-21 have none)")
-        n = Path(self.files[i]).stat().st_size // 16
+            raise MissingDataFileError("SemanticKITTI label file not found", path,
+                                       "test sequences 11-21 have none; use a labelled split")
+        keep = self._finite_scan(i)[1]  # reads (and checks) the .bin first: a truncated .bin is blamed on itself
         raw = _read_records(path, np.uint32, 1, "SemanticKITTI label")[:, 0] & 0xFFFF  # lower 16 bits = class
-        return _map_labels(raw, SEMANTIC_KITTI_LUT, path, n)
+        return _map_labels(raw, SEMANTIC_KITTI_LUT, path, len(keep))[keep]
 
     def calib(self, i):
         seq = Path(self.files[i]).parent.parent
@@ -670,7 +926,7 @@ class SemanticKitti(_LidarDataset):
             if not path.is_file():  # official layout: <root>/calib/dataset/sequences/SS/calib.txt
                 alt = self.root / "calib" / "dataset" / "sequences" / seq.name / "calib.txt"
                 path = alt if alt.is_file() else path
-            self._calib[seq] = read_kitti_calib(path)
+            self._calib[seq] = read_kitti_calib(path, need=("P2", "Tr|Tr_velo_to_cam"))
         return self._calib[seq]
 
     def image_path(self, i, cam="image_2"):
@@ -695,7 +951,7 @@ class KittiObject(_LidarDataset):
     def __init__(self, root):
         self.root = Path(root)
         if not (self.root / "velodyne").is_dir():
-            raise FileNotFoundError(f"no velodyne/ folder in {self.root}; pass the kitti_object/training folder")
+            raise MissingDataFileError("no velodyne/ folder", self.root, "pass the kitti_object/training folder")
         self.ids = sorted(p.stem for p in (self.root / "velodyne").glob("*.bin"))
         self.cameras, self.has_labels = list(KITTI_CAMERAS), False
 
@@ -708,11 +964,14 @@ class KittiObject(_LidarDataset):
     def scan_cameras(self, i):
         return list(KITTI_CAMERAS)
 
-    def points(self, i):
-        return _read_records(self.root / "velodyne" / f"{self.ids[i]}.bin", np.float32, 4, "KITTI velodyne")
+    def scan_file(self, i):
+        return self.root / "velodyne" / f"{self.ids[i]}.bin"
+
+    def _read_points(self, i):
+        return _read_records(self.scan_file(i), np.float32, 4, "KITTI velodyne")
 
     def calib(self, i):
-        return read_kitti_calib(self.root / "calib" / f"{self.ids[i]}.txt")
+        return read_kitti_calib(self.root / "calib" / f"{self.ids[i]}.txt", need=("P2", "R0_rect", "Tr_velo_to_cam"))
 
     def image_path(self, i, cam="image_2"):
         return str(self.root / cam / f"{self.ids[i]}.png")
@@ -727,10 +986,17 @@ class KittiObject(_LidarDataset):
     def boxes(self, i):
         """label_2 objects: type, bbox (x1,y1,x2,y2) px, hwl m, xyz (bottom centre, rect. camera) m, ry rad."""
         out = []
-        for line in (self.root / "label_2" / f"{self.ids[i]}.txt").read_text().splitlines():
+        path = self.root / "label_2" / f"{self.ids[i]}.txt"
+        if not path.is_file():
+            raise MissingDataFileError("KITTI label_2 file not found", path, "extract the KITTI object labels")
+        for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
             f = line.split()
             if len(f) >= 15:
-                v = [float(x) for x in f[1:15]]
+                try:
+                    v = [float(x) for x in f[1:15]]
+                except ValueError:
+                    raise DataFileError(f"KITTI label_2 line {n} has a non-numeric field", path,
+                                        "re-extract the KITTI object labels") from None
                 out.append(dict(type=f[0], bbox=np.array(v[3:7]), hwl=np.array(v[7:10]), xyz=np.array(v[10:13]),
                                 ry=v[13]))
         return out
@@ -749,6 +1015,10 @@ class KittiObject(_LidarDataset):
         h, w, l = box["hwl"]
         return (np.abs(x) <= l / 2) & (np.abs(z) <= w / 2) & (cam[:, 1] <= 0) & (cam[:, 1] >= -h)
 
+_POSE_KEYS = ("position.x", "position.y", "position.z", "heading.w", "heading.x", "heading.y", "heading.z")
+_PANDASET_TODO = "re-download or re-extract this PandaSet sequence"
+
+
 def _pose_matrix(pose):
     """PandaSet {'position': {x,y,z}, 'heading': {w,x,y,z}} -> 4x4 sensor-to-world (float64)."""
     q = pose["heading"]
@@ -756,22 +1026,101 @@ def _pose_matrix(pose):
     return make_transform(quaternion_to_matrix([q["w"], q["x"], q["y"], q["z"]]), [t["x"], t["y"], t["z"]])
 
 
-def _read_json(path, what):
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}; the PandaSet sequence folder is incomplete.")
-    with open(path) as f:
-        return json.load(f)
+def _read_json(path, what, index=None, keys=()):
+    """A PandaSet JSON file, or its entry [index] (poses.json / gps.json are lists, one entry per frame), checked
+    to hold `keys` ('a.b' = nested key): a missing entry or key gives one line naming the file and the key."""
+    obj = _load_json(path, what, _PANDASET_TODO)
+    where = path if index is None else f"{path}, entry {index}"
+    if index is not None:
+        if not isinstance(obj, list) or not 0 <= index < len(obj):
+            count = f"{len(obj)} entries" if isinstance(obj, list) else f"a JSON {type(obj).__name__}"
+            raise DataFileError(f"{what} has no entry {index} ({count})", path, _PANDASET_TODO)
+        obj = obj[index]
+    for key in keys:
+        node = obj
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise DataFileError(f"{what} lacks key {key!r}", where, _PANDASET_TODO)
+            node = node[part]
+    return obj
+
+
+# PandaSet's native files are pandas pickles, and unpickling can call any importable function (a crafted file
+# naming os.system runs a command). They are read with an unpickler that resolves ONLY the numpy / pandas names
+# a PandaSet frame needs: a DataFrame of float / int / bool / string columns over a (Range)Index, as saved by
+# pandas 0.25 to 3.x. Any other name is refused before anything is called.
+_PANDASET_PICKLE_ALLOWED = {
+    ("builtins", "slice"), ("_codecs", "encode"),  # protocol 2 slices / bytes
+    ("numpy", "dtype"), ("numpy", "ndarray"),
+    ("numpy._core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "scalar"),
+    ("numpy._core.numeric", "_frombuffer"),
+    ("pandas", "DataFrame"), ("pandas", "Series"), ("pandas", "Index"), ("pandas", "RangeIndex"),
+    ("pandas.core.frame", "DataFrame"), ("pandas.core.series", "Series"),
+    ("pandas.core.indexes.base", "Index"), ("pandas.core.indexes.base", "_new_Index"),
+    ("pandas.core.indexes.range", "RangeIndex"),
+    ("pandas.core.internals.managers", "BlockManager"), ("pandas.core.internals.managers", "SingleBlockManager"),
+    ("pandas._libs.internals", "_unpickle_block"),
+    ("pandas", "StringDtype"), ("pandas.core.arrays.string_", "StringDtype"), ("pandas.arrays", "StringArray"),
+    ("pandas.core.arrays.string_", "StringArray"), ("pandas._libs.arrays", "__pyx_unpickle_NDArrayBacked"),
+}
+# names moved between pandas / numpy releases (pandas.compat.pickle_compat keeps the same table)
+_PANDASET_PICKLE_MOVED = {
+    ("pandas.core.indexes.numeric", "Int64Index"): ("pandas.core.indexes.base", "Index"),
+    ("pandas.core.indexes.numeric", "UInt64Index"): ("pandas.core.indexes.base", "Index"),
+    ("pandas.core.indexes.numeric", "Float64Index"): ("pandas.core.indexes.base", "Index"),
+    ("pandas.core.internals.blocks", "new_block"): ("pandas._libs.internals", "_unpickle_block"),
+}
+
+
+def _pandaset_unpickler(file, path):
+    """pickle.Unpickler over `file` whose find_class allows only _PANDASET_PICKLE_ALLOWED."""
+    import pickle
+
+    class Restricted(pickle.Unpickler):
+        def find_class(self, module, name):
+            if module.startswith("numpy.core."):  # numpy < 2 wrote numpy.core, numpy >= 2 has numpy._core
+                module = "numpy._core." + module[len("numpy.core."):]
+            module = "builtins" if module == "__builtin__" else module  # protocol 2 files use Python 2 names
+            module, name = _PANDASET_PICKLE_MOVED.get((module, name), (module, name))
+            if (module, name) not in _PANDASET_PICKLE_ALLOWED:
+                raise DataFileError(f"PandaSet file {Path(path).name} names {module}.{name}, which is not a "
+                                    f"numpy / pandas class of a PandaSet frame: refused (unpickling it could run "
+                                    f"code)", path, "use the files of the official PandaSet download")
+            if module.startswith("numpy._core.") and not hasattr(np, "_core"):
+                module = "numpy.core." + module[len("numpy._core."):]
+            return super().find_class(module, name)
+    return Restricted(file)
 
 
 def _read_pandaset_pickle(path):
-    """A PandaSet .pkl.gz (gzip pickle of a pandas DataFrame) with a clear error when unreadable."""
-    import pandas as pd  # PandaSet's native files are pandas pickles
+    """A PandaSet .pkl.gz (gzip pickle of a pandas DataFrame) through the restricted unpickler, with one clear
+    line when it is unreadable (truncated gzip, another file) or names anything but numpy / pandas classes."""
+    import gzip
+    import pandas as pd  # the classes the pickle names
+    path = Path(path)
     try:
-        return pd.read_pickle(path)
-    except Exception as err:  # truncated gzip, wrong file, incompatible pickle
-        raise ValueError(f"cannot read PandaSet file {path} ({type(err).__name__}: {err}); re-download or "
-                         f"re-extract this sequence.") from err
+        with open(path, "rb") as f:
+            zipped = f.read(2) == b"\x1f\x8b"
+        with (gzip.open(path, "rb") if zipped else open(path, "rb")) as f:
+            df = _pandaset_unpickler(f, path).load()
+    except UserError:
+        raise
+    except Exception as err:  # noqa: BLE001 - truncated gzip, wrong file, incompatible pickle: one line
+        raise DataFileError(f"cannot read PandaSet file {path.name} ({type(err).__name__}: {err})", path,
+                            _PANDASET_TODO) from None
+    if not isinstance(df, pd.DataFrame):
+        raise DataFileError(f"PandaSet file {path.name} holds a {type(df).__name__}, not a DataFrame", path,
+                            _PANDASET_TODO)
+    return df
+
+
+def _pandaset_columns(df, path, columns):
+    """df[columns] as float64 (N, len(columns)); a missing column gives one line naming the file and the key."""
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise DataFileError(f"PandaSet frame {Path(path).name} lacks column(s) {missing} (columns: "
+                            f"{[str(c) for c in df.columns]})", path, _PANDASET_TODO)
+    return df[list(columns)].to_numpy(np.float64)
 
 
 def pandaset_split(root, out_dir=None, verbose=True):
@@ -779,12 +1128,15 @@ def pandaset_split(root, out_dir=None, verbose=True):
     San Francisco). Only sequences with annotations/semseg are used. Printed, and saved to out_dir if given."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"PandaSet root not found: {root}; pass --root of the folder that holds the "
-                                f"sequence folders 001/ 002/ ...")
+        raise MissingDataFileError("PandaSet root not found", root, "pass --root of the folder that holds the "
+                                   "sequence folders 001/ 002/ ...")
     seqs = sorted(p.name for p in root.iterdir() if (p / "annotations" / "semseg").is_dir())
     split = {"train": [], "val": []}
     for s in seqs:
-        lat = _read_json(root / s / "meta" / "gps.json", "PandaSet gps.json")[0]["lat"]
+        lat = _read_json(root / s / "meta" / "gps.json", "PandaSet gps.json", 0, ("lat",))["lat"]
+        if not isinstance(lat, (int, float)):
+            raise DataFileError(f"PandaSet gps.json latitude {lat!r} is not a number", root / s / "meta" /
+                                "gps.json", _PANDASET_TODO)
         split["train" if lat > PANDASET_TRAIN_MIN_LAT else "val"].append(s)
     if verbose:
         print(f"[data] PandaSet split by GPS latitude > {PANDASET_TRAIN_MIN_LAT}: train ({len(split['train'])}) "
@@ -812,11 +1164,11 @@ class PandaSet(_LidarDataset):
         for s in seqs:
             labelled = {p.name.split(".")[0] for p in (self.root / s / "annotations" / "semseg").glob("*.pkl.gz")}
             frames = sorted(p.name.split(".")[0] for p in (self.root / s / "lidar").glob("*.pkl.gz"))
-            self.frames += [(s, f) for f in frames if f in labelled]
+            self.frames += [(s, f) for f in frames if f in labelled and f.isdigit()]  # NN = index in poses.json
         if not self.frames:
             raise _empty_split_error("PandaSet", split, self.root,
-                                     f"Sequences by the GPS rule: {seq_split}; need lidar/NN.pkl.gz with "
-                                     f"annotations/semseg/NN.pkl.gz.")
+                                     f"sequences by the GPS rule: {seq_split}; need lidar/NN.pkl.gz with "
+                                     f"annotations/semseg/NN.pkl.gz", "pandaset")
         self.cameras = ["front_camera"] if self.sensor_id == 1 else list(PANDASET_CAMERAS)
         self.has_labels = True
         self._cache = (None, None)
@@ -835,20 +1187,25 @@ class PandaSet(_LidarDataset):
         return [c for c in self.cameras if (self.root / s / "camera" / c).is_dir()]
 
     def _frame(self, i):
-        """(world xyz float64 (N,3), intensity (N,), row mask of this lidar) with a one-frame cache."""
+        """(world xyz float64 (N,3), intensity (N,), row mask (N_file,) of the file's rows kept) with a one-frame
+        cache; the kept rows are this lidar's (column d) with finite x, y, z, i (drop_nonfinite)."""
         s, f = self.frames[i]
         path = self.root / s / "lidar" / f"{f}.pkl.gz"
         if self._cache[0] != path:
             if not path.is_file():
-                raise FileNotFoundError(f"PandaSet lidar file not found: {path}")
+                raise MissingDataFileError("PandaSet lidar file not found", path, _PANDASET_TODO)
             df = _read_pandaset_pickle(path)
-            mask = df["d"].to_numpy() == self.sensor_id  # d: 0 = Pandar64, 1 = PandarGT
-            self._cache = (path, (df[["x", "y", "z"]].to_numpy(np.float64)[mask], df["i"].to_numpy()[mask], mask))
+            cols = _pandaset_columns(df, path, ("x", "y", "z", "i", "d"))  # (N_file, 5) float64
+            mask = cols[:, 4] == self.sensor_id  # d: 0 = Pandar64, 1 = PandarGT
+            pts, keep = drop_nonfinite(cols[mask, :4], f"{path}, lidar d={self.sensor_id}")  # (N, 4) world x, y, z, intensity
+            mask[np.flatnonzero(mask)[~keep]] = False
+            self._cache = (path, (pts[:, :3], pts[:, 3], mask))
         return self._cache[1]
 
     def lidar_pose(self, i):
         s, f = self.frames[i]
-        return _pose_matrix(_read_json(self.root / s / "lidar" / "poses.json", "PandaSet lidar poses")[int(f)])
+        path = self.root / s / "lidar" / "poses.json"
+        return _pose_matrix(_read_json(path, "PandaSet lidar poses", int(f), _POSE_KEYS))
 
     def points(self, i):
         xyz, inten, _ = self._frame(i)
@@ -861,12 +1218,15 @@ class PandaSet(_LidarDataset):
         s, f = self.frames[i]
         path = self.root / s / "annotations" / "semseg" / f"{f}.pkl.gz"
         if not path.is_file():
-            raise FileNotFoundError(f"PandaSet semseg file not found: {path}")
-        _, _, mask = self._frame(i)
-        raw = _read_pandaset_pickle(path).iloc[:, 0].to_numpy()
+            raise MissingDataFileError("PandaSet semseg file not found", path, _PANDASET_TODO)
+        _, _, mask = self._frame(i)  # (N_file,) rows of this lidar with finite values
+        raw = _pandaset_columns(_read_pandaset_pickle(path), path, ("class",))[:, 0]
         if len(raw) != len(mask):
-            raise ValueError(f"label file {path} has {len(raw)} rows but the lidar frame has {len(mask)}")
-        return _map_labels(raw[mask], PANDASET_LUT, path, int(mask.sum()))
+            raise DataFileError(f"label file {path.name} has {len(raw)} rows but the lidar frame has {len(mask)}",
+                                path, "the semseg file does not belong to this frame; " + _PANDASET_TODO)
+        if not np.isfinite(raw).all():
+            raise DataFileError(f"label file {path.name} has non-integer class values", path, _PANDASET_TODO)
+        return _map_labels(raw[mask].astype(np.int64), PANDASET_LUT, path, int(mask.sum()))
 
     def image_path(self, i, cam):
         s, f = self.frames[i]
@@ -875,8 +1235,10 @@ class PandaSet(_LidarDataset):
     def lidar_to_image(self, i, cam):
         """(3, 4) float64 K @ [cam <- world] (world coordinates, official.md §2.4)."""
         s, f = self.frames[i]
-        pose = _read_json(self.root / s / "camera" / cam / "poses.json", f"PandaSet {cam} poses")[int(f)]
-        k = _read_json(self.root / s / "camera" / cam / "intrinsics.json", f"PandaSet {cam} intrinsics")
+        pose = _read_json(self.root / s / "camera" / cam / "poses.json", f"PandaSet {cam} poses", int(f),
+                          _POSE_KEYS)
+        k = _read_json(self.root / s / "camera" / cam / "intrinsics.json", f"PandaSet {cam} intrinsics",
+                       keys=("fx", "fy", "cx", "cy"))
         K = np.array([[k["fx"], 0, k["cx"]], [0, k["fy"], k["cy"]], [0, 0, 1]], dtype=np.float64)
         return K @ np.linalg.inv(_pose_matrix(pose))[:3]
 
@@ -934,7 +1296,9 @@ def get_dataset(name, root=None, split="train", version=None, split_file=None, s
     """Dataset by name (DATASET_NAMES). toy: nuScenes-format toy tree at root/nuscenes (generated if missing);
     toy_kitti: root/semantic_kitti; merged: sets (names) under root/{nuscenes,semantic_kitti,pandaset}."""
     if name not in DATASET_NAMES:
-        raise ValueError(f"unknown --data {name!r}; valid names: {', '.join(DATASET_NAMES)}")
+        raise SettingError(f"unknown dataset {name!r}", "--data", f"valid names: {', '.join(DATASET_NAMES)}")
+    if split not in SPLIT_NAMES and split_file is None:  # a --split-file may name its own splits
+        raise SettingError(f"unknown split {split!r}", "--split", f"use one of {', '.join(SPLIT_NAMES)}")
     if name in ("toy", "toy_kitti") or (name == "merged" and root is None):
         root = Path(root) if root is not None else TOY_DEFAULT_ROOT
         ensure_toy(root)  # [toy] section: generates the toy world with a progress bar if missing
@@ -943,7 +1307,8 @@ def get_dataset(name, root=None, split="train", version=None, split_file=None, s
         if name == "toy_kitti":
             return SemanticKitti(root / "semantic_kitti", split=split)
     if root is None:
-        raise ValueError(f"--root is required for --data {name} (no default location for real datasets)")
+        raise SettingError(f"--root is required for --data {name}", "--root", "pass the dataset folder (there is no "
+                        "default location for real datasets)")
     root = Path(root)
     if name == "nuscenes":
         return NuScenes(root, version=version, split=split, split_file=split_file)
@@ -953,11 +1318,16 @@ def get_dataset(name, root=None, split="train", version=None, split_file=None, s
         return PandaSet(root, sensor=name, split=split, out_dir=out_dir)
     # merged
     if not root.is_dir():
-        raise FileNotFoundError(f"merged root not found: {root}; it must hold nuscenes/, semantic_kitti/, pandaset/")
+        raise MissingDataFileError("merged root not found", root, "it must hold nuscenes/, semantic_kitti/ "
+                                   "and / or pandaset/")
     sets = [s for s in (sets or _MERGED_ORDER) if sets or (root / _MERGED_FOLDER[s]).is_dir()]
     if not sets:
-        raise FileNotFoundError(f"no nuscenes/, semantic_kitti/ or pandaset/ folder in {root}")
+        raise MissingDataFileError("no nuscenes/, semantic_kitti/ or pandaset/ folder", root,
+                                   "pass the folder that holds them" + _layout_hint(root))
     sets = [{"toy": "nuscenes", "toy_kitti": "semantic_kitti"}.get(s, s) for s in sets]
+    unknown = [s for s in sets if s not in _MERGED_FOLDER]
+    if unknown:
+        raise SettingError(f"unknown merged set(s) {unknown}", "--merged-sets", f"use names among {_MERGED_ORDER}")
     return MergedDataset([get_dataset(s, root / _MERGED_FOLDER[s], split, version if s == "nuscenes" else None,
                                       split_file if s == "nuscenes" else None, out_dir=out_dir) for s in sets])
 
@@ -971,19 +1341,21 @@ def label_subset(ds, fraction, subset_file=None, out_dir=None):
       round(1/fraction)-th one, starting with the first.
     The list of scan ids is written to out_dir/subset_<dataset>_<pct>.txt and its size printed."""
     n = len(ds)
-    if fraction >= 1.0:
+    if fraction >= 1.0 and subset_file is None:
         return list(range(n))
-    if subset_file is not None:
+    if subset_file is not None:  # the list decides, whatever `fraction` says (the real fraction is printed)
         keep = _indices_from_subset_file(ds, subset_file)
     else:
         step = int(round(1.0 / fraction))
         paths = getattr(ds, "files", None) or [str(getattr(ds, "lidar_path", ds.scan_id)(i)) for i in range(n)]
         keep = sorted(sorted(range(n), key=lambda i: str(paths[i]))[::step])
     if not keep:
-        raise ValueError(f"the {fraction:.0%} subset of {ds.name} is empty ({n} scans)"
-                         + (f"; no entry of {subset_file} matched a scan of this split" if subset_file else ""))
+        raise SettingError(f"the {fraction:.0%} subset of {ds.name} is empty ({n} scans)"
+                           + ("; no entry of the subset file matched a scan of this split" if subset_file else ""),
+                           subset_file or "--fraction", "check the list / split" if subset_file else
+                           "use a larger --fraction")
     pct = f"{fraction * 100:g}pct"
-    print(f"[data] {ds.name} {pct} label subset: {len(keep)} of {n} scans"
+    print(f"[data] {ds.name} {pct} label subset: {len(keep)} of {n} scans ({100 * len(keep) / n:.2f} %)"
           + (f" (from {subset_file})" if subset_file else " (deterministic rule, see label_subset)"))
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -995,13 +1367,12 @@ def label_subset(ds, fraction, subset_file=None, out_dir=None):
 
 def _indices_from_subset_file(ds, subset_file):
     """Match subset-file entries (strings anywhere in each entry) to scan ids / lidar file names."""
-    path = Path(subset_file)
-    if not path.is_file():
-        raise FileNotFoundError(f"subset file not found: {path}")
-    if path.suffix == ".npy":
-        entries = np.load(path, allow_pickle=True).tolist()
+    loaded = load_list_file(subset_file, "subset file")  # no pickle: plain string arrays or text
+    if isinstance(loaded, dict):  # .npz: the entries of all its arrays
+        entries = [e for k in loaded for e in loaded[k].tolist()]
     else:
-        entries = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        entries = loaded.tolist() if isinstance(loaded, np.ndarray) else loaded
+        entries = entries if isinstance(entries, list) else [entries]  # a 0-d array
     wanted = set()
     for e in entries:
         vals = e.values() if isinstance(e, dict) else (e if isinstance(e, (list, tuple)) else [e])
@@ -1073,12 +1444,22 @@ def project_with_matrix(xyz, P, hw, min_depth=1.0, lo=0.0, hi=1.0):
 _FOV_EPS = 1e-4  # official.md §3.3 step 5 / pitfall 8: strict crop so that int() never reaches the grid size
 
 
+def _refuse_nonfinite(values, where):
+    """Loud stop when NaN/inf reaches the preprocessing: the readers drop such points (drop_nonfinite), so this
+    means a caller fed a scan that did not come through them."""
+    bad = ~np.isfinite(values).all(axis=1)
+    if bad.any():
+        raise DataFileError(f"{int(bad.sum())} of {len(values)} points have NaN/inf values", where,
+                            "read scans through data.py's readers, or drop such rows with data.drop_nonfinite")
+
+
 def voxelize(xyz, voxel=0.1, rng=None):
     """Kept rows (M,) int64, one point per voxel of `voxel` metres (official.md §3.2): voxel = int((p - min) / v);
     first point per voxel, or a random one when rng is given (official: random permutation first). Sorted."""
     xyz = np.asarray(xyz)
     if len(xyz) == 0:
         return np.zeros(0, dtype=np.int64)
+    _refuse_nonfinite(xyz, "voxelize")  # one NaN would make min(0) NaN and every key the same voxel
     q = ((xyz - xyz.min(0)) / voxel).astype(np.int64)  # (N, 3) >= 0
     dims = q.max(0) + 1
     keys = (q[:, 0] * dims[1] + q[:, 1]) * dims[2] + q[:, 2]  # packed int64 voxel key
@@ -1193,6 +1574,7 @@ def prepare_scan(points, dataset_name, cfg, train, rng=None, labels=None):
     if train and rng is None:
         rng = np.random.default_rng()
     points = np.asarray(points)
+    _refuse_nonfinite(points[:, :4], f"prepare_scan, {dataset_name} scan")  # a NaN intensity never reaches grids
     xyz = points[:, :3].astype(np.float32)  # (N, 3)
     mean, std = INTENSITY_STATS[_intensity_key(dataset_name)]
     inten = (points[:, 3].astype(np.float32) - mean) / std  # official.md §1.1
@@ -1206,7 +1588,8 @@ def prepare_scan(points, dataset_name, cfg, train, rng=None, labels=None):
     inside = fov_mask(pc[:, :3], cfg)
     kept, pc = kept[inside], pc[inside]  # (M,), (M, 8)
     if len(kept) == 0:
-        raise ValueError(f"no point of this {dataset_name} scan lies inside the FOV {cfg.fov_min}..{cfg.fov_max}")
+        raise NoPointInFovError(f"no point of this {dataset_name} scan lies inside the FOV {cfg.fov_min}.."
+                                f"{cfg.fov_max}", f"{len(points)} points", "skip this scan or check its frame")
     out = dict(feat=np.ascontiguousarray(pc[:, 3:].T), xyz=pc[:, :3].copy(), cells=cell_indices(pc[:, :3], cfg),
                neighbors=knn_indices(pc[:, :3], cfg.k), kept=kept,
                labels=None if labels is None else np.asarray(labels, np.int64)[kept])
@@ -1282,7 +1665,10 @@ class SegmentationDataset(_torch_dataset_base()):
         sub, k = self.ds.sub(i) if hasattr(self.ds, "sub") else (self.ds, i)
         labels = sub.labels(k)
         rng = np.random.default_rng(int(torch.randint(0, 2 ** 62, (1,)).item())) if self.train else None
-        sample = prepare_scan(sub.points(k), sub.name, self.cfg, self.train, rng=rng, labels=labels)
+        try:
+            sample = prepare_scan(sub.points(k), sub.name, self.cfg, self.train, rng=rng, labels=labels)
+        except NoPointInFovError as err:  # name the scan (the caller may skip and count it)
+            raise NoPointInFovError(err.what, f"scan {self.ds.scan_id(i)}, {err.where}", err.todo) from None
         sample["orig_labels"] = labels
         sample["scan_id"] = self.ds.scan_id(i)
         return sample
@@ -1313,6 +1699,447 @@ def mean_iou(cm):
     """mIoU as a fraction 0..1 (nanmean over classes); print it as a percentage with 1 decimal."""
     iou = per_class_iou(cm)
     return float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan")
+
+
+# ==== [data] Preprocessing on the training device ====
+# The same steps as the [data] Point preprocessing section, written in torch so that they run on the training
+# device (a GPU) for a whole batch at once, instead of in DataLoader workers one scan at a time. The official loader
+# (ScaLR datasets/pc_dataset.py) spends most of its time in the cKDTree kNN and is run with many worker processes;
+# here the workers only read files and draw random numbers, the device does voxelisation, FOV crop, cells, kNN.
+# Equal to the CPU path: the same kept points and cells (same float32 / float64 arithmetic, elementwise), the same
+# neighbour sets up to ties (equal distances may be ordered differently). Batched tensors: the points of the B scans
+# are concatenated, P = sum of the per-scan counts, with a scan index `batch` (P,) next to them.
+# The kNN is an exact brute force (distances of a chunk of queries to every point, then topk): made for a GPU; on a
+# CPU it is far slower than the cKDTree, which stays the CPU choice (`python data.py --bench` times both).
+# Also here: KnnCache, the per-scan kNN cache of the pretraining stage (see its docstring for why it is exact).
+
+
+def _torch():
+    import torch
+    return torch
+
+
+def voxelize_t(xyz, batch, voxel=0.1, order=None):
+    """Batched voxelize(): xyz (P, 3) float32 points of B scans, batch (P,) int64 scan index -> kept rows (K,) int64,
+    sorted. One point per `voxel` metre voxel of each scan, voxel = int((p - min of its scan) / voxel). The point
+    kept in a voxel is the one that comes first in `order` (P,), a permutation of 0..P-1 (None: the identity, i.e.
+    the first point, as voxelize(rng=None)); voxelize(rng) of each scan equals this with order = the scans'
+    rng.permutation(N_b) + their offsets, concatenated."""
+    torch = _torch()
+    P = len(xyz)
+    if P == 0:
+        return torch.zeros(0, dtype=torch.int64, device=xyz.device)
+    B = int(batch.max()) + 1
+    lo = torch.full((B, 3), float("inf"), dtype=xyz.dtype, device=xyz.device)
+    lo = lo.scatter_reduce(0, batch[:, None].expand(P, 3), xyz, reduce="amin")  # (B, 3) per-scan minimum
+    q = ((xyz - lo[batch]) / voxel).long()  # (P, 3) >= 0, float32 arithmetic as the numpy path
+    dims = q.max(0).values + 1
+    key = ((batch * dims[0] + q[:, 0]) * dims[1] + q[:, 1]) * dims[2] + q[:, 2]  # (P,) packed (scan, voxel)
+    rank = torch.arange(P, device=xyz.device)
+    if order is not None:  # rank[i] = position of row i in `order`
+        rank = torch.empty_like(rank).scatter_(0, order.to(xyz.device), torch.arange(P, device=xyz.device))
+    _, voxel_id = torch.unique(key, return_inverse=True)  # (P,) voxel of each row
+    first = torch.full((int(voxel_id.max()) + 1,), P, dtype=torch.int64, device=xyz.device)
+    first = first.scatter_reduce(0, voxel_id, rank, reduce="amin")  # (V,) smallest rank in each voxel
+    kept = order.to(xyz.device)[first] if order is not None else first
+    return kept.sort().values
+
+
+def fov_mask_t(xyz, cfg):
+    """fov_mask() in torch: bool (P,), fov_min + eps < p < fov_max - eps on x, y, z, compared in float64."""
+    torch = _torch()
+    lo = torch.tensor(cfg.fov_min, dtype=torch.float64, device=xyz.device) + _FOV_EPS
+    hi = torch.tensor(cfg.fov_max, dtype=torch.float64, device=xyz.device) - _FOV_EPS
+    p = xyz.double()
+    return ((p > lo) & (p < hi)).all(1)
+
+
+def cell_indices_t(xyz, cfg):
+    """cell_indices() in torch: (3, P) int64 flat cell per projection plane, in float64 as the numpy path:
+    q = int((p - fov_min) / ((fov_max - fov_min) / grid)), cell = q_a * grid_b + q_b. Points must be cropped."""
+    torch = _torch()
+    p = xyz.double()
+    out = torch.empty((len(cfg.dim_proj), len(xyz)), dtype=torch.int64, device=xyz.device)
+    for j, d in enumerate(cfg.dim_proj):
+        a, b = [ax for ax in range(3) if ax != d]
+        ga, gb = cfg.grids[j]
+        res_a = (cfg.fov_max[a] - cfg.fov_min[a]) / ga  # python float = numpy float64 scalar
+        res_b = (cfg.fov_max[b] - cfg.fov_min[b]) / gb
+        qa = ((p[:, a] - cfg.fov_min[a]) / res_a).long()
+        qb = ((p[:, b] - cfg.fov_min[b]) / res_b).long()
+        out[j] = qa * gb + qb
+    return out
+
+
+def pad_points_t(values, batch, sizes, fill=0):
+    """(P, ...) rows of B scans -> (B, Nmax, ...) padded with `fill`, the scan-major layout of collate()."""
+    torch = _torch()
+    B, nmax = len(sizes), int(max(sizes))
+    start = torch.cumsum(sizes, 0) - sizes  # (B,) first row of each scan
+    slot = torch.arange(len(batch), device=batch.device) - start[batch]  # (P,) position inside its scan
+    out = torch.full((B, nmax) + tuple(values.shape[1:]), fill, dtype=values.dtype, device=values.device)
+    out[batch, slot] = values
+    return out
+
+
+def knn_t(xyz_pad, sizes, k=16, chunk=None):
+    """knn_indices() for a padded batch: xyz_pad (B, Nmax, 3), sizes (B,) real points per scan -> (B, k, Nmax)
+    int64 local indices of the k nearest neighbours, self excluded, sorted by distance; scans of <= k points
+    repeat self (as the cKDTree path); padded columns hold Nmax - 1 (collate's padding). Exact distances
+    (differences squared, not the |a|^2 + |b|^2 - 2ab expansion whose rounding would reorder close neighbours);
+    `chunk` queries at a time bound the memory to B x chunk x Nmax distances (default: ~2^26 of them, 256 MB)."""
+    torch = _torch()
+    B, nmax, _ = xyz_pad.shape
+    chunk = chunk or max(256, 2 ** 26 // max(B * nmax, 1))
+    dev = xyz_pad.device
+    sizes = sizes.to(dev)
+    col = torch.arange(nmax, device=dev)
+    pad_ref = col[None, None, :] >= sizes[:, None, None]  # (B, 1, Nmax) padded reference points
+    kk = min(k, max(nmax - 1, 1))
+    out = torch.full((B, k, nmax), nmax - 1, dtype=torch.int64, device=dev)
+    for s in range(0, nmax, chunk):
+        q = xyz_pad[:, s:s + chunk]  # (B, c, 3)
+        d2 = torch.cdist(q, xyz_pad, compute_mode="donot_use_mm_for_euclid_dist")  # (B, c, Nmax) exact
+        rows = torch.arange(s, s + q.shape[1], device=dev)
+        d2 = d2.masked_fill(pad_ref, float("inf"))
+        d2[:, torch.arange(q.shape[1], device=dev), rows] = float("inf")  # self excluded
+        dist, idx = d2.topk(kk, dim=2, largest=False)  # (B, c, kk) nearest first
+        idx = torch.where(torch.isinf(dist), rows[None, :, None], idx)  # fewer than k others: self
+        if kk < k:
+            idx = torch.cat([idx, rows[None, :, None].expand(B, len(rows), k - kk)], 2)
+        out[:, :, s:s + q.shape[1]] = idx.transpose(1, 2)
+    real = col[None, :] < sizes[:, None]  # (B, Nmax)
+    return torch.where(real[:, None, :], out, torch.full_like(out, nmax - 1))
+
+
+def nearest_t(query, ref, chunk=4096):
+    """nearest_indices() in torch: query (Nq, 3), ref (Nr, 3) -> (Nq,) int64 index of the nearest ref point."""
+    torch = _torch()
+    out = [torch.cdist(query[s:s + chunk][None].float(), ref[None].float(),
+                       compute_mode="donot_use_mm_for_euclid_dist")[0].argmin(1) for s in range(0, len(query), chunk)]
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64, device=query.device)
+
+
+def scan_pc8(points, dataset_name):
+    """(N, 8) float32 [x, y, z | i_norm, x, y, z, r] of a raw scan, as prepare_scan builds it (CPU, cheap: the
+    DataLoader worker's only arithmetic in the device path; the norm stays in numpy so the bytes are the same)."""
+    points = np.asarray(points)
+    xyz = points[:, :3].astype(np.float32)
+    mean, std = INTENSITY_STATS[_intensity_key(dataset_name)]
+    inten = (points[:, 3].astype(np.float32) - mean) / std
+    return np.concatenate([xyz, input_features(xyz, inten)], axis=1)
+
+
+def _rotate_t(x, y, theta):
+    """(x, y) @ R(theta).T as numpy's float32 matmul rounds it on this CPU: c = x r00, then one fused
+    multiply-add c + y r01 (emulated in float64, exact product, then rounded to float32)."""
+    R = _rotation_z(theta)  # (2, 2) float32, the matrix of augment_downstream / augment_pretrain
+    r = [[float(v) for v in row] for row in R]
+    nx = (y.double() * r[0][1] + (x * r[0][0]).double()).float()
+    ny = (y.double() * r[1][1] + (x * r[1][0]).double()).float()
+    return nx, ny
+
+
+def _train_draws_t(pc, batch, kept, rngs, cfg):
+    """Train mode after voxelize_t: per scan, in prepare_scan's rng order, LimitNumPoints (nearest max_points to a
+    random centre) and augment_downstream (desynchronised rotations, flip of x or y, scale of the features).
+    pc (P, 8) all rows, kept (K,) voxel rows -> (kept rows, augmented (K', 8) rows)."""
+    torch = _torch()
+    counts = torch.bincount(batch[kept], minlength=len(rngs)).tolist()  # one sync per batch
+    chunks, out = kept.split(counts), []
+    for b, (rows, rng) in enumerate(zip(chunks, rngs)):
+        if cfg.max_points is not None and len(rows) > cfg.max_points:
+            centre = pc[rows[int(rng.integers(len(rows)))], :3]
+            d2 = ((pc[rows, :3] - centre) ** 2).sum(1)  # float32 as limit_points
+            rows = rows[d2.topk(cfg.max_points, largest=False).indices.sort().values]
+        p = pc[rows].clone()
+        p[:, 0], p[:, 1] = _rotate_t(p[:, 0], p[:, 1], rng.uniform(-np.pi, np.pi))
+        p[:, 4], p[:, 5] = _rotate_t(p[:, 4], p[:, 5], rng.uniform(-np.pi, np.pi))
+        flip = rng.integers(3)
+        if flip:
+            p[:, flip - 1] *= -1
+        p[:, 4:8] *= float(np.float32(rng.uniform(0.9, 1.1)))
+        out.append((rows, p))
+    return torch.cat([r for r, _ in out]), torch.cat([p for _, p in out])
+
+
+def collate_light(samples):
+    """collate() of samples that carry 'feat' (5, M) and the cropped 'xyz' (M, 3) but no 'cells' / 'neighbors'
+    (CPU, in the DataLoader worker): the batch of collate() without those two, plus 'xyz' as a list."""
+    light = [dict(s, cells=np.zeros((0, s["feat"].shape[1]), np.int64),
+                  neighbors=np.zeros((1, s["feat"].shape[1]), np.int64)) for s in samples]
+    out = collate(light)
+    del out["cells"], out["neighbors"]
+    return out
+
+
+def add_cells_neighbors_t(batch, cfg, device):
+    """Adds 'cells' (B, 3, Nmax) and 'neighbors' (B, k, Nmax), computed on `device` for the whole batch, to a
+    collate_light() batch (in the training process, just before the forward); feat / occupied moved to device."""
+    torch = _torch()
+    sizes = batch["num_points"].to(device)
+    xyz = torch.cat([torch.as_tensor(x, dtype=torch.float32) for x in batch["xyz"]]).to(device)  # (P, 3)
+    b = torch.repeat_interleave(torch.arange(len(sizes), device=device), sizes)
+    out = dict(batch, feat=batch["feat"].to(device), occupied=batch["occupied"].to(device))
+    out["cells"] = pad_points_t(cell_indices_t(xyz, cfg).T, b, sizes).transpose(1, 2)  # (B, 3, Nmax), pad 0
+    out["neighbors"] = knn_t(pad_points_t(xyz, b, sizes), sizes, cfg.k)  # (B, k, Nmax), pad Nmax - 1
+    return out
+
+
+def collate_t(samples, cfg, device):
+    """collate() with cells and neighbours computed on `device`: collate_light + add_cells_neighbors_t."""
+    return add_cells_neighbors_t(collate_light(samples), cfg, device)
+
+
+def prepare_batch_t(points, dataset_names, cfg, train, rngs=None, labels=None, device="cpu"):
+    """prepare_scan() + collate() of B raw scans in one go on `device`, the official downstream order: voxelize ->
+    (train) limit points + augment -> FOV crop -> cells -> kNN -> (eval) 1-NN upsample index of every original
+    row. points: list of (N_b, >= 4) arrays; dataset_names: one name or one per scan; rngs: one
+    np.random.Generator per scan (train), drawn in prepare_scan's order, so the same seeds give the same batch."""
+    torch = _torch()
+    names = [dataset_names] * len(points) if isinstance(dataset_names, str) else list(dataset_names)
+    pc8 = [scan_pc8(p, n) for p, n in zip(points, names)]  # CPU: (N_b, 8) each
+    n_raw = torch.tensor([len(p) for p in pc8])
+    start = (torch.cumsum(n_raw, 0) - n_raw).tolist()
+    pc = torch.from_numpy(np.concatenate(pc8)).to(device)  # (P, 8)
+    batch = torch.repeat_interleave(torch.arange(len(pc8)), n_raw).to(device)
+    order = None
+    if train:  # voxelize(rng): a random permutation of each scan first
+        order = torch.from_numpy(np.concatenate([rng.permutation(len(p)) + s for p, rng, s in zip(pc8, rngs, start)]))
+    kept = voxelize_t(pc[:, :3], batch, cfg.voxel, order)  # (K,) global rows, sorted (scan-major)
+    vals = _train_draws_t(pc, batch, kept, rngs, cfg) if train else (kept, pc[kept])
+    inside = fov_mask_t(vals[1][:, :3], cfg)
+    kept, p = vals[0][inside], vals[1][inside]  # (M,), (M, 8)
+    b = batch[kept]
+    sizes = torch.bincount(b, minlength=len(pc8))
+    if bool((sizes == 0).any()):
+        raise ValueError(f"no point of scan {int((sizes == 0).nonzero()[0])} lies inside the FOV "
+                         f"{cfg.fov_min}..{cfg.fov_max}")
+    out = dict(feat=pad_points_t(p[:, 3:], b, sizes).transpose(1, 2),  # (B, 5, Nmax)
+               cells=pad_points_t(cell_indices_t(p[:, :3], cfg).T, b, sizes).transpose(1, 2),  # (B, 3, Nmax)
+               neighbors=knn_t(pad_points_t(p[:, :3], b, sizes), sizes, cfg.k),  # (B, k, Nmax)
+               occupied=pad_points_t(torch.ones_like(b, dtype=torch.bool), b, sizes, fill=False),
+               num_points=sizes)
+    local = kept - torch.tensor(start, device=kept.device)[b]  # row inside its own scan
+    out["kept"] = list(local.split(sizes.tolist()))
+    out["xyz"] = list(p[:, :3].split(sizes.tolist()))
+    if labels is not None:
+        out["labels"] = torch.cat([torch.as_tensor(np.asarray(lab, np.int64)).to(device)[k]
+                                   for lab, k in zip(labels, out["kept"])])
+    out["upsample"] = ([torch.arange(len(k), device=kept.device) for k in out["kept"]] if train else
+                       [nearest_t(pc[s:s + n, :3], x) for s, n, x in zip(start, n_raw.tolist(), out["xyz"])])
+    return out
+
+
+class RawScanDataset(_torch_dataset_base()):
+    """The --preprocess-on device twin of SegmentationDataset: items are the RAW scan (points, labels, dataset
+    name, scan id) and the seed of its train randomness, drawn from torch's RNG exactly as SegmentationDataset
+    draws it, so the same torch seed gives the same batch; prepare_raw_batch_t does the rest on the device."""
+
+    def __init__(self, ds, cfg, train, subset=None):
+        base = SegmentationDataset(ds, cfg, train, subset)  # same checks, same labelled-scan list
+        self.ds, self.cfg, self.train, self.indices = ds, cfg, train, base.indices
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, j):
+        import torch
+        i = self.indices[j]
+        sub, k = self.ds.sub(i) if hasattr(self.ds, "sub") else (self.ds, i)
+        labels = sub.labels(k)
+        seed = int(torch.randint(0, 2 ** 62, (1,)).item()) if self.train else None
+        return dict(points=sub.points(k), labels=labels, name=sub.name, scan_id=self.ds.scan_id(i), seed=seed)
+
+
+def raw_collate(items):
+    """List of RawScanDataset items -> dict of lists (the DataLoader's collate_fn in the device path)."""
+    return {key: [it[key] for it in items] for key in items[0]}
+
+
+def prepare_raw_batch_t(raw, cfg, train, device):
+    """raw_collate batch -> the batch collate(SegmentationDataset items) would give, computed on `device`
+    (prepare_batch_t), with 'orig_labels' and 'scan_id' as SegmentationDataset adds them."""
+    rngs = [np.random.default_rng(s) for s in raw["seed"]] if train else None
+    out = prepare_batch_t(raw["points"], raw["name"], cfg, train, rngs=rngs, labels=raw["labels"], device=device)
+    torch = _torch()
+    out["orig_labels"] = [torch.as_tensor(np.asarray(lab)) for lab in raw["labels"]]
+    out["scan_id"] = list(raw["scan_id"])
+    return out
+
+
+class KnnCache:
+    """Per-scan cache for the pretraining kNN: the k'-NN graph of ALL raw rows of a scan, computed once, from which
+    the k-NN graph of the points a training sample keeps is read without a new tree, exactly (up to ties).
+
+    Why a graph of the final points cannot be cached by scan index: the sample's point set is re-drawn at every
+    iteration (one random point per voxel, a random camera, a random crop centre before the augmentation; the FOV
+    crop after it). What does not change is the geometry of the raw rows: the augmentation (rotation about z,
+    flip, scale, Supp. B.2) is a similarity, |A p - A q| = s |p - q|, so it keeps every neighbour ranking, and the
+    k nearest of p among a subset S of the rows are the first k members of S in p's neighbour list over all rows,
+    provided that list holds >= k of them (a closer member of S would be earlier in the list). Points whose list
+    holds fewer (at the edge of the camera's view) are queried exactly, on a tree of S.
+    max_scans bounds the memory (k' int32 per raw row and cached scan; oldest scan dropped first)."""
+
+    def __init__(self, k_cache=32, max_scans=256):
+        self.k_cache, self.max_scans, self.graphs = int(k_cache), int(max_scans), {}
+        self.hits = self.fallback_points = self.points = 0
+
+    def _graph(self, key, raw_xyz):
+        """(N, k') int32 neighbours of every raw row (self removed), nearest first."""
+        if key not in self.graphs:
+            if len(self.graphs) >= self.max_scans:
+                self.graphs.pop(next(iter(self.graphs)))
+            from scipy.spatial import cKDTree
+            xyz = np.asarray(raw_xyz, np.float64)
+            kq = min(self.k_cache + 1, len(xyz))
+            _, idx = cKDTree(xyz, leafsize=32, balanced_tree=False, compact_nodes=False).query(xyz, k=kq, workers=1)
+            idx = np.asarray(idx, np.int64).reshape(len(xyz), kq)
+            is_self = idx == np.arange(len(xyz))[:, None]  # self moved last (stable), then dropped
+            idx = np.take_along_axis(idx, np.argsort(is_self, axis=1, kind="stable"), axis=1)[:, :kq - 1]
+            self.graphs[key] = idx.astype(np.int32)
+        else:
+            self.hits += 1
+        return self.graphs[key]
+
+    def neighbors(self, key, raw_xyz, rows, k=16):
+        """(k, M) int64, = knn_indices(any similarity transform of raw_xyz[rows], k) up to ties. key: the scan
+        (e.g. its index), raw_xyz (N, 3) all its rows (un-augmented), rows (M,) the kept rows, distinct."""
+        rows = np.asarray(rows, np.int64)
+        M = len(rows)
+        pos = np.full(len(raw_xyz), -1, np.int64)
+        pos[rows] = np.arange(M)
+        cand = pos[self._graph(key, raw_xyz)[rows]]  # (M, k') neighbours as positions in the sample, -1: not kept
+        valid = cand >= 0
+        take = valid & (np.cumsum(valid, axis=1) <= k)  # the first k kept neighbours of each point
+        full = take.sum(1) == k  # (M,) rows fully answered by the cached list
+        out = np.empty((M, k), np.int64)
+        out[full] = cand[full][take[full]].reshape(-1, k)
+        short = np.nonzero(~full)[0]
+        if len(short):  # exact query, as knn_indices: k + 1 nearest on a tree of the sample, self dropped
+            from scipy.spatial import cKDTree
+            xyz = np.asarray(raw_xyz, np.float64)[rows]
+            kq = min(k + 1, M)
+            _, idx = cKDTree(xyz, leafsize=32, balanced_tree=False, compact_nodes=False).query(xyz[short], k=kq,
+                                                                                               workers=1)
+            idx = np.asarray(idx, np.int64).reshape(len(short), kq)[:, 1:]
+            out[short] = np.concatenate([idx, np.repeat(short[:, None], k + 1 - kq, 1)], 1)  # <= k points: self
+        self.points, self.fallback_points = self.points + M, self.fallback_points + len(short)
+        return np.ascontiguousarray(out.T)
+
+
+def _time_ms(fn, repeats, sync=lambda: None, warmup=True):
+    """Median wall time of fn() in ms (after one warm-up call), sync() before reading the clock (CUDA)."""
+    if warmup:
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(1000 * (time.perf_counter() - t))
+    return float(np.median(times))
+
+
+def _bench_cpu_path(pts, cfg, repeats):
+    """ms per scan of each step of prepare_scan(train) in one DataLoader worker (one thread), in its order."""
+    rng = np.random.default_rng(0)
+    pc8 = scan_pc8(pts, "nuscenes")
+    kept = voxelize(pc8[:, :3], cfg.voxel, rng)
+    kept = kept[limit_points(pc8[kept, :3], cfg.max_points, rng)]
+    pc = augment_downstream(pc8[kept], rng)
+    xyz = pc[fov_mask(pc[:, :3], cfg), :3]
+    steps = {"features (8 columns)": lambda: scan_pc8(pts, "nuscenes"),
+             "voxelize 0.1 m": lambda: voxelize(pc8[:, :3], cfg.voxel, rng),
+             "limit 20k + augment": lambda: augment_downstream(
+                 pc8[kept[limit_points(pc8[kept, :3], cfg.max_points, rng)]], rng),
+             "FOV crop": lambda: fov_mask(pc[:, :3], cfg),
+             "cells (3 planes)": lambda: cell_indices(xyz, cfg),
+             "kNN k=16 (cKDTree)": lambda: knn_indices(xyz, cfg.k)}
+    return {name: _time_ms(fn, repeats) for name, fn in steps.items()}
+
+
+def _bench_device_path(pts, cfg, repeats, device, batch):
+    """ms per scan: the worker's share (features + the voxel permutation) and each device step, run on a batch of
+    `batch` copies of the scan. Also returns the model inputs of that batch and the device's sync function."""
+    torch = _torch()
+    dev = torch.device(device)
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    rng = np.random.default_rng(0)
+    pc8 = scan_pc8(pts, "nuscenes")
+    n = len(pc8)
+    pc = torch.from_numpy(np.concatenate([pc8] * batch)).to(dev)  # (B N, 8)
+    b = torch.repeat_interleave(torch.arange(batch), n).to(dev)
+    order = torch.from_numpy(np.concatenate([rng.permutation(n) + i * n for i in range(batch)]))
+    rngs = lambda: [np.random.default_rng(i) for i in range(batch)]  # noqa: E731
+    kept = voxelize_t(pc[:, :3], b, cfg.voxel, order)
+    rows, p = _train_draws_t(pc, b, kept, rngs(), cfg)
+    inside = fov_mask_t(p[:, :3], cfg)
+    p, pb = p[inside], b[rows][inside]
+    sizes = torch.bincount(pb, minlength=batch)
+    xyz_pad = pad_points_t(p[:, :3], pb, sizes)
+    steps = {"worker: features + permutation": (lambda: (scan_pc8(pts, "nuscenes"), rng.permutation(n)), 1),
+             "voxelize 0.1 m": (lambda: voxelize_t(pc[:, :3], b, cfg.voxel, order), batch),
+             "limit 20k + augment": (lambda: _train_draws_t(pc, b, kept, rngs(), cfg), batch),
+             "FOV crop": (lambda: fov_mask_t(p[:, :3], cfg), batch),
+             "cells (3 planes)": (lambda: cell_indices_t(p[:, :3], cfg), batch)}
+    per = {name: _time_ms(fn, repeats, sync) / div for name, (fn, div) in steps.items()}
+    slow = dev.type == "cpu"  # brute force on a CPU: seconds, timed once
+    per["kNN k=16 (exact, brute force)"] = _time_ms(lambda: knn_t(xyz_pad, sizes, cfg.k), 1 if slow else repeats,
+                                                    sync, warmup=not slow) / batch
+    inputs = (pad_points_t(p[:, 3:], pb, sizes).transpose(1, 2),
+              pad_points_t(cell_indices_t(p[:, :3], cfg).T, pb, sizes).transpose(1, 2), knn_t(xyz_pad, sizes, cfg.k),
+              pad_points_t(torch.ones_like(pb, dtype=torch.bool), pb, sizes, fill=False))
+    return per, inputs, sync
+
+
+def _bench_model_step(inputs, cfg, depth, width, repeats, sync):
+    """ms per scan of one training step of WI-depth-width on the batch: forward + backward + AdamW."""
+    import waffleiron as wi
+    torch = _torch()
+    feat, cells, neighbors, occupied = inputs
+    model = wi.WaffleIron(input_channels=5, feat_channels=width, depth=depth, nb_class=16,
+                          grids=cfg.grids).to(feat.device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def step():
+        loss = model(feat, cells, neighbors, occupied).float().square().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return _time_ms(step, repeats, sync) / len(feat)
+
+
+def bench_data_paths(pts, source, repeats=3, device="cpu", batch=2, model=(6, 64)):
+    """Markdown table: the CPU data path (everything in the DataLoader worker) against the device path (worker:
+    features + random draws; device: voxelize, limit + augment, crop, cells, kNN for the whole batch), in train
+    mode on the official nuScenes grid, and the model step, so that the slowest of the three is visible."""
+    cfg = GridConfig()
+    cpu = _bench_cpu_path(pts, cfg, repeats)
+    dev, inputs, sync = _bench_device_path(pts, cfg, repeats, device, batch)
+    step = _bench_model_step(inputs, cfg, model[0], model[1], repeats, sync)
+    worker_ms, dev_ms = dev.pop("worker: features + permutation"), sum(dev.values())
+    lines = [f"| path | part | runs in | ms / scan | share |", "|---|---|---|---:|---:|"]
+    lines += [f"| cpu | {k} | worker | {v:.1f} | {100 * v / sum(cpu.values()):.0f}% |" for k, v in cpu.items()]
+    lines += [f"| device | features + voxel permutation | worker | {worker_ms:.1f} | |"]
+    lines += [f"| device | {k} | {device} | {v:.1f} | {100 * v / dev_ms:.0f}% |" for k, v in dev.items()]
+    lines += [f"| model | WI-{model[0]}-{model[1]} forward + backward + AdamW, batch {batch} | {device} | "
+              f"{step:.1f} | |"]
+    # the device runs the preprocessing of the device path and the model step one after the other
+    rates = {"cpu path: one worker": 1000 / sum(cpu.values()), f"cpu path: {device} (model)": 1000 / step,
+             "device path: one worker": 1000 / worker_ms,
+             f"device path: {device} (preprocessing + model)": 1000 / (dev_ms + step)}
+    print(f"\nscans/s of the data paths and the model ({source}, {len(pts)} points, train mode, official nuScenes "
+          f"grid; median of {repeats}; 1-min load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
+    print("\n".join(lines))
+    print("\n| scans/s | " + " | ".join(rates) + " |\n|---|" + "---:|" * len(rates))
+    print("| | " + " | ".join(f"{v:.1f}" for v in rates.values()) + " |")
+    for path in ("cpu path", "device path"):
+        worker, dev_rate = [v for k, v in rates.items() if k.startswith(path)]
+        print(f"{path}: {math.ceil(dev_rate / worker)} worker(s) keep the {device} busy; bound by "
+              f"{'the model step' if path == 'cpu path' or dev_ms < step else 'the preprocessing on ' + device}")
+    return dict(cpu=cpu, device=dev, worker_ms=worker_ms, model_ms=step, rates=rates)
 
 
 # ==== [toy] The embedded toy world ====
@@ -1426,16 +2253,26 @@ def _toy_in_driveway(S, x, side):
     dw = S["driveways"]  # (D, 3): x0, x1, side
     if len(dw) == 0:
         return np.zeros(x.shape, bool)
-    hit = (x[:, None] >= dw[None, :, 0]) & (x[:, None] < dw[None, :, 1]) & (side[:, None] == dw[None, :, 2])
-    return hit.any(1)
+    hit = np.zeros(x.shape, bool)
+    for s in (0, 1):  # per side the driveways are disjoint and sorted along x (one per building, left to right)
+        x0, x1 = dw[dw[:, 2] == s, 0], dw[dw[:, 2] == s, 1]
+        if len(x0) == 0:
+            continue
+        assert np.all(x0[1:] >= x1[:-1]), "toy driveways overlap"
+        on = side == s
+        j = np.searchsorted(x0, x[on], side="right") - 1  # last driveway starting at or before x
+        hit[on] = (j >= 0) & (x[on] < x1[np.maximum(j, 0)])  # NaN x: False, as the comparisons it replaces
+    return hit
 
 
 def _toy_ground_material(S, x, y):
     """Material of the ground at (x, y): the 2D map that makes the appearance-only classes."""
     ay, side = np.abs(y), (y < 0).astype(np.int64)
     ys0, ys1, yb = S["y_s0"][side], S["y_s1"][side], S["y_b"][side]
-    veg = _toy_noise(x, y, S["veg_scale"], S["key"]) < S["veg_frac"]
-    mat = np.where(veg, TOY_MAT["low_vegetation"], TOY_MAT["terrain"])
+    yard = ay >= ys1  # the only points left terrain / low vegetation below: the noise is evaluated there only
+    mat = np.full(x.shape, TOY_MAT["terrain"])
+    veg = _toy_noise(x[yard], y[yard], S["veg_scale"], S["key"]) < S["veg_frac"]
+    mat[yard] = np.where(veg, TOY_MAT["low_vegetation"], TOY_MAT["terrain"])
     dw = _toy_in_driveway(S, x, side)
     mat[(ay < yb) & dw] = TOY_MAT["driveway"]
     mat[(ay >= ys0) & (ay < ys1)] = np.where(dw, TOY_MAT["driveway"], TOY_MAT["sidewalk"])[(ay >= ys0) & (ay < ys1)]
@@ -1454,12 +2291,15 @@ def _toy_ground_material(S, x, y):
 def _toy_yard_height(S, x, y):
     """Yard heightfield (m); -1 where the ground is not yard (road, parking, sidewalk: handled as planes)."""
     ay, side = np.abs(y), (y < 0).astype(np.int64)
+    yard = ay >= S["y_s1"][side]  # the heightfield is evaluated at the yard points only (elementwise: same values)
+    out = np.full(yard.shape, -1.0)
+    x, y, ay, side = x[yard], y[yard], ay[yard], side[yard]
     p = S["bump_phase"]
     h = _TOY_SIDEWALK_H + _TOY_YARD_A * (0.5 + 0.3 * np.sin(0.8 * x + 0.5 * y + p[0])
                                         + 0.2 * np.sin(0.37 * x - 1.1 * y + p[1]))
     flat = (ay < S["y_b"][side]) & _toy_in_driveway(S, x, side)
-    h = np.where(flat, _TOY_SIDEWALK_H, h)
-    return np.where(ay >= S["y_s1"][side], h, -1.0)
+    out[yard] = np.where(flat, _TOY_SIDEWALK_H, h)
+    return out
 
 
 # ---- scene = ground layout + tables of primitives (boxes, vertical cylinders, ellipsoids) ----
@@ -1630,19 +2470,29 @@ def _toy_candidates(o, d, centres, radii, chunk=32768):
     return np.concatenate(ris), np.concatenate(pis)
 
 
-def _toy_hit_boxes(o, d, ri, p):
-    """Oriented boxes (slab test in the box frame). p (K,7) per pair. Returns t (K,), normal (K,3) world."""
+def _toy_box_table(o, p):
+    """(P,7) boxes cx,cy,cz, hx,hy,hz, yaw -> (P,15): + cos(yaw), sin(yaw), and the slab planes of the ray origin o
+    in the box frame, -h - o_l (3) and h - o_l (3): the terms of _toy_hit_boxes that depend on the box only."""
     cy, sy = np.cos(p[:, 6]), np.sin(p[:, 6])
     rel = o[None] - p[:, :3]
-    dd = d[ri]
     ol = np.stack([cy * rel[:, 0] + sy * rel[:, 1], -sy * rel[:, 0] + cy * rel[:, 1], rel[:, 2]], 1)
+    return np.concatenate([p[:, :7], cy[:, None], sy[:, None], -p[:, 3:6] - ol, p[:, 3:6] - ol], 1)
+
+
+def _toy_hit_boxes(o, d, ri, p, normals=True):
+    """Oriented boxes (slab test in the box frame). p (K,15) per pair, rows of _toy_box_table(o, boxes).
+    Returns t (K,), normal (K,3) world (None if not normals)."""
+    cy, sy = p[:, 7], p[:, 8]
+    dd = d[ri]
     dl = np.stack([cy * dd[:, 0] + sy * dd[:, 1], -sy * dd[:, 0] + cy * dd[:, 1], dd[:, 2]], 1)
     dl = np.where(np.abs(dl) < 1e-12, 1e-12, dl)
-    t1, t2 = (-p[:, 3:6] - ol) / dl, (p[:, 3:6] - ol) / dl
+    t1, t2 = p[:, 9:12] / dl, p[:, 12:15] / dl
     tn, tf = np.minimum(t1, t2), np.maximum(t1, t2)
     axis = tn.argmax(1)
     tnear, tfar = tn.max(1), tf.min(1)
     t = np.where((tnear <= tfar) & (tnear > 1e-4), tnear, np.inf)  # rays starting inside a box see through it
+    if not normals:
+        return t, None
     k = np.arange(len(t))
     nl = np.zeros((len(t), 3))
     nl[k, axis] = -np.sign(dl[k, axis])
@@ -1776,12 +2626,17 @@ def _toy_cast_all(S, o, d, max_range):
         ri, pi = _toy_candidates(o, d, centre(pp), radius(pp))
         if len(ri) == 0:
             continue
-        tk, nk = fn(o, d, ri, pp[pi])
+        if kind == "box":  # per-box terms once per box, normals of the nearest hits only (the same values)
+            pp = _toy_box_table(o, pp)
+            tk, _ = fn(o, d, ri, pp[pi], normals=False)
+        else:
+            tk, nk = fn(o, d, ri, pp[pi])
         ok = tk < t[ri]
-        ri, pi, tk, nk = ri[ok], pi[ok], tk[ok], nk[ok]
+        ri, pi, tk = ri[ok], pi[ok], tk[ok]
         best = _toy_nearest_per_ray(ri, tk)
         r = ri[best]
-        t[r], n[r], prim[r] = tk[best], nk[best], ids[pi[best]]
+        nk = fn(o, d, r, pp[pi[best]])[1] if kind == "box" else nk[ok][best]
+        t[r], n[r], prim[r] = tk[best], nk, ids[pi[best]]
         mat[r] = T["mat"][prim[r]]
     miss = ~np.isfinite(t) | (t > max_range)
     t[miss], mat[miss], prim[miss] = np.inf, -1, -1
@@ -1805,11 +2660,13 @@ def _toy_albedo(S, hit, p):
     x, y, z = p[:, 0], p[:, 1], p[:, 2]
     u = np.where(np.abs(n[:, 0]) > np.abs(n[:, 1]), y, x)      # horizontal coordinate on vertical faces
     k = S["key"]
-    f = 0.85 + 0.3 * _toy_noise(x + 0.5 * z, y - 0.5 * z, 0.35, k + 1)   # generic grain
     M, grid = TOY_MAT, _toy_stripes
-    f = np.where(mat == M["terrain"], 0.7 + 0.5 * _toy_noise(x, y, 1.3, k + 2), f)
-    f = np.where(np.isin(mat, [M["low_vegetation"], M["tree_canopy"]]),
-                 0.55 + 0.7 * _toy_noise(x + z, y - z, 0.25, k + 3), f)
+    # texture factor per material; each noise is evaluated only where it is used (elementwise: same values)
+    ter, veg = mat == M["terrain"], np.isin(mat, [M["low_vegetation"], M["tree_canopy"]])
+    f, g = np.empty(len(mat)), ~(ter | veg)
+    f[g] = 0.85 + 0.3 * _toy_noise(x[g] + 0.5 * z[g], y[g] - 0.5 * z[g], 0.35, k + 1)   # generic grain
+    f[ter] = 0.7 + 0.5 * _toy_noise(x[ter], y[ter], 1.3, k + 2)
+    f[veg] = 0.55 + 0.7 * _toy_noise(x[veg] + z[veg], y[veg] - z[veg], 0.25, k + 3)
     f = np.where((mat == M["sidewalk"]) & (grid(x, 0.8, 0.06) | grid(y, 0.8, 0.06)), 0.6, f)
     f = np.where(mat == M["driveway"], f * (0.8 + 0.2 * ((np.floor(x / 0.3) + np.floor(y / 0.6)) % 2)), f)
     out = rgb * f[:, None]
@@ -2274,9 +3131,11 @@ def _median_ms(fn, repeats):
     return float(np.median(times))
 
 
-def bench(repeats=5, sizes=(20000, 35000)):
+def bench(repeats=5, sizes=(20000, 35000), paths=True, device=None):
     """Markdown table of ms per scan for each preprocessing step (median of `repeats`, one thread), in the
-    official order: voxelize and crop on the raw scan, cells and kNN on the M voxelized + cropped points."""
+    official order: voxelize and crop on the raw scan, cells and kNN on the M voxelized + cropped points.
+    paths: then the table of bench_data_paths (CPU vs device data path and the model step, scans/s) on the
+    largest scan, on `device` (default: cuda when available, else cpu)."""
     rng = np.random.default_rng(0)
     cfg = GridConfig()
     rows, counts = {}, []
@@ -2308,6 +3167,11 @@ def bench(repeats=5, sizes=(20000, 35000)):
           f"target <= 50 ms for crop + voxel + kNN + cells at 35k; 1-min load average "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs: timings inflate when the machine is busy)")
     print("\n".join(lines))
+    if paths:
+        import torch
+        torch.set_num_threads(1)  # one worker / one device thread: the per-worker rate
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        rows["paths"] = bench_data_paths(pts, source, repeats=max(1, repeats // 2), device=device)
     return rows
 
 
@@ -2368,16 +3232,26 @@ def main(argv=None):
         _dataset_args(p)
         p.add_argument("--out", required=True, help="output folder")
         p.add_argument("--sample", default=None, help="nuScenes sample token (inspect)")
-        p.add_argument("--index", type=int, default=0, help="scan index in the split (inspect; default 0)")
+        p.add_argument("--index", type=nonneg_int, default=0, help="scan index in the split (inspect; default 0)")
         p.add_argument("--colour", default="depth", choices=["depth", "label"], help="point colour (inspect)")
-        p.add_argument("--fraction", type=float, default=0.01, help="label fraction (subset; official 1%% / 10%%)")
-        p.add_argument("--subset-file", default=None, help="official .npy frame list (subset; nuScenes)")
+        p.add_argument("--fraction", type=positive_float, default=0.01,
+                       help="label fraction in (0, 1] (subset; official 1%% / 10%%: 0.01 / 0.1)")
+        p.add_argument("--subset-file", default=None, help="official .npy frame list (subset; nuScenes); plain "
+                                                           "string arrays only (no pickle)")
         a = p.parse_args(argv)
         if a.data not in DATASET_NAMES:
             p.error(f"unknown --data {a.data!r}; valid names: {', '.join(DATASET_NAMES)}")
+        if a.fraction > 1.0:
+            p.error(f"--fraction must be in (0, 1] (e.g. 0.01 or 0.1), got {a.fraction:g}")
         ds = get_dataset(a.data, a.root, a.split, a.version, split_file=a.split_file, out_dir=a.out)
         if cmd == "inspect":
+            if a.sample and not hasattr(ds, "index_of"):
+                raise SettingError("--sample (a nuScenes sample token) needs --data nuscenes or toy", "--sample",
+                                   "use --index for this dataset")
             i = ds.index_of(a.sample) if a.sample else a.index
+            if i >= len(ds):
+                raise SettingError(f"scan index {i} is out of range: split {a.split!r} has {len(ds)} scans",
+                                   "--index", f"use 0..{len(ds) - 1}")
             inspect_scan(ds, i, a.out, a.colour)
         elif cmd == "subset":
             label_subset(ds, a.fraction, a.subset_file, a.out)
@@ -2391,8 +3265,9 @@ def main(argv=None):
     p.add_argument("--bench", action="store_true", help="time each preprocessing step on 20k / 35k point scans")
     p.add_argument("--make-toy", metavar="DIR", default=None, help="write the toy world (nuscenes/ + "
                                                                     "semantic_kitti/) into DIR")
-    p.add_argument("--scans", type=int, default=None, help="toy: number of scans (default: the [toy] default)")
-    p.add_argument("--seed", type=int, default=None, help="toy: random seed (default: the [toy] default)")
+    p.add_argument("--scans", type=positive_int, default=None, help="toy: number of scans (default: the [toy] "
+                                                                     "default)")
+    p.add_argument("--seed", type=nonneg_int, default=None, help="toy: random seed (default: the [toy] default)")
     a = p.parse_args(argv)
     if a.bench:
         bench()
