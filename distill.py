@@ -16,10 +16,15 @@ image teacher's feature at the point's pixel with Eq. (1).
         --teacher-weights dinov2_vitl14_pretrain.pth --amp fp16 --out runs/scalr
     # multi-teacher (Supp. B.2): DINOv2 ViT-L/14 + DINO ViT-S/8 keys, MLP head
     python distill.py --teacher dinov2_vitl14,dino_vits8 --teacher-weights vitl14.pth,dino_deitsmall8_pretrain.pth
+    # beyond the paper: DINOv3 ViT-L/16 (Meta's .pth), DINOv2 with registers, or any timm ViT
+    python distill.py --data nuscenes --root /data/nuscenes --teacher dinov3_vitl16 \
+        --teacher-weights dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth --out runs/dinov3_l16
 
 Exercises (README "Classroom exercises"): --loss infonce (a), --cameras all (b, Supp. E), --knn K (c), --cell M (d),
 --teacher dino_vits8 (e), --teacher dinov2_vitl14,dino_vits8 (f, Supp. B.2), --width 128 (g).
-Add --resume to continue an interrupted run bit-exactly from OUT/ckpt_last.pth; --max-iters N for smoke runs.
+Add --resume to continue an interrupted run bit-exactly from OUT/ckpt_last.pth (--overwrite starts over in a used
+--out); --max-iters N for smoke runs. --loss-mean scan (default) weighs every scan of the global batch alike, as the
+released 8 GPUs x 1 scan recipe does; --loss-mean points is one mean over all paired points (Eq. (1) as written).
 Outputs in --out: model.pth ({'model_point': state dict with the official names, 'config': {...}}, readable by
 waffleiron.load_checkpoint), ckpt_last.pth (resume state), log.csv, loss.png, config.json.
 """
@@ -28,7 +33,6 @@ import json
 import math
 import re
 import socket
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -43,36 +47,93 @@ import data
 import waffleiron as wi
 
 # ----------------------------------------------------------------------------------------------------------------
-# Teachers (official.md Sec. 2.5; Supp. B.2 "2D teacher")
-
-# Meta hub name -> (timm architecture, which feature is distilled)
+# Teachers (Supp. B.2 "2D teacher"; beyond the paper: DINOv2 with registers, DINOv3 and any timm ViT)
+#
+# Every teacher is a timm model. What is distilled, and how positions are handled, per family:
+#   dino        DINO ViT-S/8 (Supp. B.2): the keys of the last attention layer, CLS dropped. Learned position
+#               table, resampled as DINOv2 (below).
+#   dinov2      DINOv2, the paper's teacher (Supp. B.2): the patch tokens after the last block and BEFORE the final
+#               LayerNorm ('x_prenorm' of Meta's dinov2 models/vision_transformer.py), CLS dropped. Patch 14. Learned
+#               position table at 37 x 37 (518 px), resampled once to the input grid by Meta's rule: bicubic with
+#               scale factor (n + 0.1) / 37, no antialias (dinov2 interpolate_pos_encoding, interpolate_offset=0.1).
+#   dinov2_reg  DINOv2 with 4 registers (Darcet et al., "Vision Transformers Need Registers"): the same feature,
+#               CLS AND the 4 registers dropped. Patch 14. Meta's hub builds these models with interpolate_offset=0
+#               and interpolate_antialias=True (dinov2 hub/backbones.py), i.e. bicubic to the target size WITH
+#               antialias: a different rule from the plain models, and exactly the one of timm's own resampling.
+#   dinov3      DINOv3 (Simeoni et al. 2025): the same feature ('x_prenorm' of dinov3 models/vision_transformer.py),
+#               CLS and the 4 storage tokens (registers) dropped. Patch 16. Rotary position embedding (RoPE) on a
+#               [-1, 1] grid normalised per axis: no position table, nothing to resample at 224 x 448.
+#   timm        'timm:<any timm ViT>': the last block's tokens before the final norm, prefix tokens dropped; the
+#               positions are handled by the timm model itself (its own checkpoint filter resamples a table).
+# Name -> (timm architecture, feature, family). DINOv3: timm's '_qkvb' variants, which keep the q and v biases of
+# Meta's files (Meta builds every DINOv3 ViT but the 7B with qkv_bias=True, dinov3 hub/backbones.py).
 TEACHERS = {
-    'dinov2_vits14': ('vit_small_patch14_dinov2', 'x_pre_norm'),
-    'dinov2_vitb14': ('vit_base_patch14_dinov2', 'x_pre_norm'),
-    'dinov2_vitl14': ('vit_large_patch14_dinov2', 'x_pre_norm'),  # the paper's / released teacher
-    'dinov2_vitg14': ('vit_giant_patch14_dinov2', 'x_pre_norm'),
-    'dino_vits8': ('vit_small_patch8_224.dino', 'keys'),  # keys of the last attention layer (Supp. B.2)
+    'dinov2_vits14': ('vit_small_patch14_dinov2', 'x_pre_norm', 'dinov2'),
+    'dinov2_vitb14': ('vit_base_patch14_dinov2', 'x_pre_norm', 'dinov2'),
+    'dinov2_vitl14': ('vit_large_patch14_dinov2', 'x_pre_norm', 'dinov2'),  # the paper's / released teacher
+    'dinov2_vitg14': ('vit_giant_patch14_dinov2', 'x_pre_norm', 'dinov2'),
+    'dino_vits8': ('vit_small_patch8_224.dino', 'keys', 'dino'),  # keys of the last attention layer (Supp. B.2)
+    'dinov2_vits14_reg': ('vit_small_patch14_reg4_dinov2', 'x_pre_norm', 'dinov2_reg'),
+    'dinov2_vitb14_reg': ('vit_base_patch14_reg4_dinov2', 'x_pre_norm', 'dinov2_reg'),
+    'dinov2_vitl14_reg': ('vit_large_patch14_reg4_dinov2', 'x_pre_norm', 'dinov2_reg'),
+    'dinov2_vitg14_reg': ('vit_giant_patch14_reg4_dinov2', 'x_pre_norm', 'dinov2_reg'),
+    'dinov3_vits16': ('vit_small_patch16_dinov3_qkvb', 'x_pre_norm', 'dinov3'),
+    'dinov3_vits16plus': ('vit_small_plus_patch16_dinov3_qkvb', 'x_pre_norm', 'dinov3'),
+    'dinov3_vitb16': ('vit_base_patch16_dinov3_qkvb', 'x_pre_norm', 'dinov3'),
+    'dinov3_vitl16': ('vit_large_patch16_dinov3_qkvb', 'x_pre_norm', 'dinov3'),
+    'dinov3_vith16plus': ('vit_huge_plus_patch16_dinov3_qkvb', 'x_pre_norm', 'dinov3'),
+    'dinov3_vit7b16': ('vit_7b_patch16_dinov3', 'x_pre_norm', 'dinov3'),  # Meta: qkv_bias=False
 }
+TIMM_PREFIX = 'timm:'
 TINY_TEACHER = dict(depth=2, embed_dim=96, num_heads=3)  # toy: same timm class, shrunk (random init)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # official.md Sec. 2.5
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # fallback only: the mean / std come from the timm pretrained config
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def valid_teachers_text():
+    return f'valid teachers: {", ".join(TEACHERS)}, or {TIMM_PREFIX}<any timm ViT name>'
+
+
+def teacher_spec(name):
+    """--teacher entry -> SimpleNamespace(name, arch, feature, family, patch); patch None if not in the name."""
+    if name in TEACHERS:
+        arch, feature, family = TEACHERS[name]
+    elif name.startswith(TIMM_PREFIX):
+        import timm
+        arch, feature, family = name[len(TIMM_PREFIX):], 'x_pre_norm', 'timm'
+        if not timm.is_model(arch.split('.')[0]):
+            raise data.UserError(f'{arch!r} is not a timm model', f'--teacher {name}',
+                                 'list them with python -c "import timm; print(timm.list_models(\'vit_*\'))"')
+    else:
+        raise data.UserError(f'unknown teacher {name!r}', '--teacher', valid_teachers_text())
+    patch = re.search(r'patch(\d+)', arch)
+    return SimpleNamespace(name=name, arch=arch, feature=feature, family=family,
+                           patch=int(patch.group(1)) if patch else None)
 
 
 class Teacher(nn.Module):
     """Frozen timm ViT returning dense patch features (B, C, h/p, w/p) for images in [0, 1].
 
-    'x_pre_norm' (DINOv2): tokens after the last block, before the final LayerNorm, CLS dropped.
+    'x_pre_norm' (DINOv2, DINOv2-reg, DINOv3, timm:): tokens after the last block, before the final norm, with the
+    vit.num_prefix_tokens prefix tokens (CLS, + registers / storage tokens) dropped.
     'keys' (DINO ViT-S/8): k = qkv(norm1(x))[C:2C] of the last block, i.e. the keys of the last attention layer,
     captured by a forward hook on the last block's `attn.qkv` Linear (heads concatenated, CLS dropped).
+    Normalisation: (x - mean) / std with the mean / std of the timm pretrained config (ImageNet for the DINO family).
     """
 
     def __init__(self, name, vit, feature):
         super().__init__()
         self.name, self.vit, self.feature = name, vit, feature
-        self.patch = int(vit.patch_embed.patch_size[0])
+        ph, pw = (int(v) for v in vit.patch_embed.patch_size)
+        if ph != pw:
+            raise data.UserError(f'teacher {name} has non-square patches {ph}x{pw}', '--teacher',
+                                 'pick a ViT with square patches')
+        self.patch = ph
         self.dim = int(vit.embed_dim)
-        self.register_buffer('mean', torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer('std', torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        cfg = getattr(vit, 'pretrained_cfg', None) or {}
+        mean, std = cfg.get('mean', IMAGENET_MEAN), cfg.get('std', IMAGENET_STD)
+        self.register_buffer('mean', torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer('std', torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)
         self._qkv = None
         if feature == 'keys':
@@ -89,6 +150,7 @@ class Teacher(nn.Module):
     def forward(self, images):  # images (B, 3, H, W) float in [0, 1]
         x = (images - self.mean) / self.std
         last = len(self.vit.blocks) - 1
+        # norm=False: before the final norm; timm drops the num_prefix_tokens (CLS + registers) tokens itself
         out = self.vit.forward_intermediates(x, indices=[last], norm=False, stop_early=True,
                                              intermediates_only=True, output_fmt='NCHW')[0]  # (B, C, h, w)
         if self.feature == 'x_pre_norm':
@@ -101,21 +163,38 @@ class Teacher(nn.Module):
         return k.transpose(1, 2).reshape(B, C, h, w)
 
 
+# ---- Weights: Meta's .pth files and timm .safetensors, mapped to timm's names, loaded strictly
+
 def resample_pos_embed(pos, grid_hw, num_prefix):
-    """(1, P + S*S, C) -> (1, P + h*w, C): bicubic with DINO's +0.1 offset trick (official.md Sec. 2.5)."""
+    """(1, P + S*S, C) -> (1, P + h*w, C): bicubic with DINO's +0.1 offset trick (plain DINO / DINOv2 models)."""
     n = pos.shape[1] - num_prefix
     side = int(round(math.sqrt(n)))
     h, w = grid_hw
     if (side, side) == (h, w) or (n == h * w and side * side != n):  # already the model's grid
         return pos
     if side * side != n:
-        raise ValueError(f'pos_embed with {n} patch positions is not a square grid; cannot resample to {h}x{w}')
+        raise data.UserError(f'pos_embed with {n} patch positions is not a square grid, cannot resample it to '
+                             f'{h}x{w}', '--teacher-weights', 'is this the file of another model?')
     prefix, grid = pos[:, :num_prefix], pos[:, num_prefix:]
     grid = grid.reshape(1, side, side, -1).permute(0, 3, 1, 2).float()  # (1, C, S, S)
+    # dinov2 interpolate_pos_encoding: scale_factor = ((h + 0.1) / S, (w + 0.1) / S), bicubic, no antialias
     grid = F.interpolate(grid, scale_factor=((h + 0.1) / side, (w + 0.1) / side), mode='bicubic',
                          align_corners=False)  # (1, C, h, w)
     assert grid.shape[-2:] == (h, w), (grid.shape, h, w)
     return torch.cat([prefix, grid.permute(0, 2, 3, 1).reshape(1, h * w, -1).to(pos.dtype)], dim=1)
+
+
+def clean_state_dict(state_dict):
+    """Unwrap training-checkpoint wrappers ('teacher', 'model', ...), strip 'module.' / 'backbone.' and flatten
+    Meta's block-chunked files (blocks.<chunk>.<N>.* -> blocks.<N>.*)."""
+    for wrapper in ('teacher', 'model', 'state_dict', 'model_state'):
+        if isinstance(state_dict.get(wrapper), dict):
+            state_dict = state_dict[wrapper]
+    out = {}
+    for k, v in state_dict.items():
+        k = k.removeprefix('module.').removeprefix('backbone.')
+        out[re.sub(r'^blocks\.\d+\.(\d+)\.', r'blocks.\1.', k)] = v
+    return out
 
 
 def meta_to_timm(state_dict, vit):
@@ -123,67 +202,213 @@ def meta_to_timm(state_dict, vit):
 
     Meta and timm share most names (patch_embed.proj, blocks.N.{norm1,attn.qkv,attn.proj,ls1.gamma,norm2,mlp.fc1,
     mlp.fc2,ls2.gamma}, norm). Differences: 'mask_token' (iBOT masking, unused) is dropped; block-chunked files
-    (blocks.<chunk>.<N>.*) are flattened; ViT-g's SwiGLU 'mlp.w12'/'mlp.w3' become timm's packed 'mlp.fc1'/'mlp.fc2'.
+    are flattened; ViT-g's SwiGLU 'mlp.w12'/'mlp.w3' become timm's packed 'mlp.fc1'/'mlp.fc2'.
     timm-format files go through unchanged (apart from pos_embed)."""
-    for wrapper in ('teacher', 'model', 'state_dict', 'model_state'):
-        if isinstance(state_dict.get(wrapper), dict):
-            state_dict = state_dict[wrapper]
     out = {}
-    for k, v in state_dict.items():
-        k = k.removeprefix('module.').removeprefix('backbone.')
+    for k, v in clean_state_dict(state_dict).items():
         if k == 'mask_token' or k.startswith('head.') or k.startswith('fc_norm.'):
             continue
-        k = re.sub(r'^blocks\.\d+\.(\d+)\.', r'blocks.\1.', k)
-        k = k.replace('.mlp.w12.', '.mlp.fc1.').replace('.mlp.w3.', '.mlp.fc2.')
-        out[k] = v
+        out[k.replace('.mlp.w12.', '.mlp.fc1.').replace('.mlp.w3.', '.mlp.fc2.')] = v
     if 'pos_embed' in out:
         out['pos_embed'] = resample_pos_embed(out['pos_embed'], tuple(vit.patch_embed.grid_size),
                                               vit.num_prefix_tokens)
     return out
 
 
-def timm_to_meta(state_dict):
-    """Inverse naming (used by the tests to build a Meta-style file): fc1/fc2 of SwiGLU -> w12/w3, + mask_token."""
+def dinov2_reg_to_timm(state_dict, vit):
+    """Meta DINOv2-with-registers (or timm) state dict -> timm names, with timm's vision_transformer
+    checkpoint_filter_fn: register_tokens -> reg_token; Meta adds pos_embed[0] to the CLS token and none to the
+    registers (dinov2 prepare_tokens_with_masks), so timm folds pos_embed[0] into cls_token and keeps a patch-only
+    table; w12/w3 -> fc1/fc2; then the table is resampled bicubic to the grid with antialias = Meta's rule for the
+    register models (interpolate_offset=0, interpolate_antialias=True)."""
+    from timm.models.vision_transformer import checkpoint_filter_fn
+    sd = {k: v for k, v in clean_state_dict(state_dict).items() if not k.startswith(('head.', 'fc_norm.'))}
+    if 'register_tokens' in sd:
+        sd.setdefault('mask_token', torch.zeros(1, sd['cls_token'].shape[-1]))  # timm keys its conversion on it
+    return checkpoint_filter_fn(sd, vit)
+
+
+def dinov3_to_timm(state_dict, vit):
+    """Meta DINOv3 (or timm) state dict -> (timm Eva state dict, extra buffers {name: tensor}, missing Meta keys).
+
+    timm's eva checkpoint_filter_fn renames (storage_tokens -> reg_token, ls1/ls2.gamma -> gamma_1/gamma_2,
+    SwiGLU w1/w2/w3 -> fc1_g/fc1_x/fc2, qkv.bias -> q_bias + v_bias) but drops two buffers that Meta's model USES:
+      * rope_embed.periods, the RoPE periods base^(2i / (D_head / 2)): Meta's files store them in bf16 and Meta's
+        model computes its angles from these rounded values (dinov3 layers/rope_position_encoding.py), while timm
+        recomputes them in fp32. We copy the file's values into timm's rope.periods.
+      * blocks.N.attn.qkv.bias_mask: Meta's LinearKMaskedBias uses bias * bias_mask (dinov3 layers/attention.py;
+        1 for q and v, 0 for k after init_weights, NaN before). We apply the file's mask, put the masked k bias
+        in timm's k_bias buffer (timm assumes it is 0) and refuse a NaN mask.
+    The pretraining-only entries (mask_token, local_cls_norm of the 7B / SAT ViT-L) are dropped as timm does."""
+    from timm.models.eva import checkpoint_filter_fn
+    sd = clean_state_dict(state_dict)
+    extra, missing = {}, []
+    if 'storage_tokens' in sd:  # Meta format
+        if 'rope_embed.periods' in sd:
+            extra['rope.periods'] = sd['rope_embed.periods'].float()  # bf16 -> fp32 as Meta's load_state_dict does
+        else:
+            missing.append('rope_embed.periods')
+        has_bias = getattr(vit.blocks[0].attn, 'q_bias', None) is not None
+        for key in [k for k in sd if re.fullmatch(r'blocks\.\d+\.attn\.qkv\.bias', k)]:
+            mask = sd.get(key + '_mask')
+            if mask is None:
+                missing.append(key + '_mask')
+                continue
+            if not torch.isfinite(mask).all():
+                raise data.UserError(f'{key}_mask holds NaN (saved from a model before init_weights)',
+                                     '--teacher-weights', 'use a released DINOv3 checkpoint')
+            bias = sd[key] * mask.to(sd[key].dtype)  # Meta LinearKMaskedBias.forward
+            if not has_bias and bias.abs().max() > 0:
+                raise data.UserError(f'the file has non-zero qkv biases but timm {type(vit).__name__} has none',
+                                     '--teacher-weights', 'use the timm "_qkvb" variant of this model')
+            sd[key] = bias
+            extra[key.replace('qkv.bias', 'k_bias')] = bias.chunk(3)[1]
+            if not has_bias:
+                del sd[key]
+    return checkpoint_filter_fn(sd, vit), extra, missing
+
+
+def timm_family_to_timm(state_dict, vit):
+    """timm: teachers: the checkpoint filter of the model's own timm module (as timm's pretrained loading does)."""
+    import importlib
+    sd = clean_state_dict(state_dict)
+    module = importlib.import_module(type(vit).__module__)
+    filt = getattr(module, 'checkpoint_filter_fn', None)
+    return filt(sd, vit) if filt is not None else sd
+
+
+def fit_state_dict(state_dict, vit, family):
+    """Any supported file's state dict -> (timm state dict, extra buffers, missing Meta keys) for `vit`."""
+    meta_dinov3 = 'storage_tokens' in clean_state_dict(state_dict) and hasattr(getattr(vit, 'rope', None), 'periods')
+    if family == 'dinov3' or (family == 'timm' and meta_dinov3):  # a Meta DINOv3 file for a timm: DINOv3 name
+        return dinov3_to_timm(state_dict, vit)
+    if family == 'dinov2_reg':
+        return dinov2_reg_to_timm(state_dict, vit), {}, []
+    if family == 'timm':
+        return timm_family_to_timm(state_dict, vit), {}, []
+    return meta_to_timm(state_dict, vit), {}, []  # dino, dinov2
+
+
+def timm_to_meta(state_dict, family='dinov2'):
+    """Inverse naming (used by the tests to build a Meta-style file from a timm model's state dict).
+
+    dinov2: fc1/fc2 of SwiGLU -> w12/w3, + mask_token. dinov2_reg: + register_tokens, a 1 + S*S table whose first
+    row (the CLS position) is folded out of cls_token again. dinov3: reg_token -> storage_tokens, gamma_1/2 ->
+    ls1/ls2.gamma, q/k/v biases -> qkv.bias + bias_mask (k masked), fc1_g/fc1_x/fc2 -> w1/w2/w3, + the RoPE periods
+    in bf16 (rope_embed.periods) and mask_token."""
+    sd = {k: v.clone() for k, v in state_dict.items()}
+    if family == 'dinov3':
+        return _timm_to_meta_dinov3(sd)
+    swiglu = any(k.endswith('mlp.fc1.weight') and v.shape[0] == 2 * sd[k.replace('fc1', 'fc2')].shape[1]
+                 for k, v in sd.items())
     out = {}
-    swiglu = any(k.endswith('mlp.fc1.weight') and v.shape[0] == 2 * state_dict[k.replace('fc1', 'fc2')].shape[1]
-                 for k, v in state_dict.items())
-    for k, v in state_dict.items():
+    for k, v in sd.items():
         if swiglu:
             k = k.replace('.mlp.fc1.', '.mlp.w12.').replace('.mlp.fc2.', '.mlp.w3.')
-        out[k] = v.clone()
-    out['mask_token'] = torch.zeros(1, state_dict['cls_token'].shape[-1])
+        out[k] = v
+    out['mask_token'] = torch.zeros(1, sd['cls_token'].shape[-1])
+    if family == 'dinov2_reg':
+        out['register_tokens'] = out.pop('reg_token')
+        cls_pos = 0.01 * torch.arange(sd['cls_token'].shape[-1], dtype=torch.float32).view(1, 1, -1)
+        out['pos_embed'] = torch.cat([cls_pos, out['pos_embed']], dim=1)  # Meta: (1, 1 + S*S, C)
+        out['cls_token'] = out['cls_token'] - cls_pos
     return out
 
 
-def load_teacher_weights(vit, path, name):
-    """Load a Meta .pth or a timm .safetensors into `vit`; raise naming the mismatching keys otherwise."""
+def _timm_to_meta_dinov3(sd):
+    out = {'mask_token': torch.zeros(1, sd['cls_token'].shape[-1])}
+    for k, v in sd.items():
+        if k.endswith('.attn.q_bias'):
+            base = k[:-len('q_bias')]
+            k_bias = torch.randn_like(v)  # any value: Meta's bias_mask zeroes it (so must we)
+            out[base + 'qkv.bias'] = torch.cat([v, k_bias, sd[base + 'v_bias']])
+            out[base + 'qkv.bias_mask'] = torch.cat([torch.ones_like(v), torch.zeros_like(v), torch.ones_like(v)])
+            continue
+        if k.endswith(('.attn.v_bias', '.attn.k_bias')):
+            continue
+        k = k.replace('reg_token', 'storage_tokens').replace('gamma_1', 'ls1.gamma').replace('gamma_2', 'ls2.gamma')
+        out[k.replace('.mlp.fc1_g.', '.mlp.w1.').replace('.mlp.fc1_x.', '.mlp.w2.').replace('.mlp.fc2.',
+                                                                                            '.mlp.w3.')] = v
+    if not any('.mlp.w1.' in k for k in out):  # plain MLP: Meta's Mlp is fc1 / fc2 like timm's
+        out = {k.replace('.mlp.w3.', '.mlp.fc2.'): v for k, v in out.items()}
+    return out
+
+
+def read_weights_file(path, name):
+    """torch.load (weights_only: no code runs) a .pth, or safetensors a .safetensors; one clear error otherwise."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f'--teacher-weights {path}: no such file. Give a Meta .pth (e.g. '
-                                f'dinov2_vitl14_pretrain.pth) or a timm .safetensors for {name}.')
-    if path.suffix == '.safetensors':
-        try:
-            from safetensors.torch import load_file
-        except ImportError as e:
-            raise ImportError(f'{path} is a .safetensors file but the safetensors package is not installed: '
-                              f'pip install safetensors (or give the Meta .pth instead).') from e
-        sd = load_file(str(path))
-    else:
-        sd = torch.load(path, map_location='cpu', weights_only=True)
-    sd = meta_to_timm(sd, vit)
+        raise data.UserError(f'no such file: {path}', '--teacher-weights',
+                             f'give a Meta .pth (e.g. dinov2_vitl14_pretrain.pth) or a timm .safetensors for {name}')
+    try:
+        if path.suffix == '.safetensors':
+            try:
+                from safetensors.torch import load_file
+            except ImportError:
+                raise data.UserError(f'{path} is a .safetensors file but the safetensors package is not installed',
+                                     '--teacher-weights', 'pip install safetensors (or give the Meta .pth)') from None
+            sd = load_file(str(path))
+        else:
+            sd = torch.load(path, map_location='cpu', weights_only=True)
+    except data.UserError:
+        raise
+    except Exception as e:  # truncated zip, pickle with code, not a weights file at all, ...
+        first = (str(e).splitlines() or [''])[0][:160]
+        raise data.UserError(f'cannot read {path} ({type(e).__name__}: {first})', '--teacher-weights',
+                             'is it a complete .pth / .safetensors weights file? re-download it') from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in clean_state_dict(sd).values()):
+        raise data.UserError(f'{path} is not a state dict of tensors', '--teacher-weights',
+                             'give the weights file of the teacher itself')
+    return sd
+
+
+def load_state_dict_strict(vit, sd, extra, missing_meta, where, name):
+    """load_state_dict(strict=True) plus the extra buffers, after naming every missing / unexpected / misshaped
+    key in ONE line (data.UserError)."""
     ref = vit.state_dict()
-    missing = sorted(set(ref) - set(sd))
+    missing = sorted(set(ref) - set(sd)) + missing_meta
     unexpected = sorted(set(sd) - set(ref))
     shapes = [f'{k}: file {tuple(sd[k].shape)} vs model {tuple(ref[k].shape)}'
               for k in ref if k in sd and sd[k].shape != ref[k].shape]
+    buffers = dict(vit.named_buffers())
+    shapes += [f'{k}: file {tuple(v.shape)} vs model {tuple(buffers[k].shape)}' for k, v in extra.items()
+               if k in buffers and buffers[k].shape != v.shape]
     if missing or unexpected or shapes:
-        raise ValueError(
-            f'--teacher-weights {path} does not match teacher {name} (timm {type(vit).__name__}, '
-            f'embed_dim {vit.embed_dim}, depth {len(vit.blocks)}):\n'
-            f'  missing keys ({len(missing)}): {missing[:8]}\n  unexpected keys ({len(unexpected)}): '
-            f'{unexpected[:8]}\n  shape mismatches ({len(shapes)}): {shapes[:8]}\n'
-            f'Is this the file of another model? Valid teachers: {", ".join(TEACHERS)}.')
+        raise data.UserError(
+            f'{where} does not match teacher {name} (timm {type(vit).__name__}, embed_dim {vit.embed_dim}, depth '
+            f'{len(vit.blocks)}): missing keys ({len(missing)}) {missing[:6]}; unexpected keys ({len(unexpected)}) '
+            f'{unexpected[:6]}; shape mismatches ({len(shapes)}) {shapes[:4]}', '--teacher-weights',
+            'is this the file of another model? ' + valid_teachers_text())
     vit.load_state_dict(sd, strict=True)
+    with torch.no_grad():
+        for k, v in extra.items():
+            buffers[k].copy_(v)
+
+
+def _family_of(name, vit):
+    if name in TEACHERS:
+        return TEACHERS[name][2]
+    if name.startswith(TIMM_PREFIX):
+        return 'timm'
+    if hasattr(getattr(vit, 'rope', None), 'periods'):
+        return 'dinov3'
+    return 'dinov2_reg' if getattr(vit, 'reg_token', None) is not None else 'dinov2'
+
+
+def load_teacher_weights(vit, path, name, family=None):
+    """Load a Meta .pth or a timm .safetensors into `vit`, strictly (data.UserError naming the mismatching keys)."""
+    family = family or _family_of(name, vit)
+    sd, extra, missing = fit_state_dict(read_weights_file(path, name), vit, family)
+    load_state_dict_strict(vit, sd, extra, missing, f'--teacher-weights {path}', name)
+    round_dinov3_periods(vit, family, extra)
+
+
+def round_dinov3_periods(vit, family, extra):
+    """A DINOv3 teacher whose weights carried no RoPE periods (timm files, random init): use timm's fp32 periods
+    rounded to bf16, the values every Meta DINOv3 release stores and Meta's model computes with."""
+    if family == 'dinov3' and 'rope.periods' not in extra:
+        with torch.no_grad():
+            vit.rope.periods.copy_(vit.rope.periods.bfloat16().float())
 
 
 def _network_available(host='huggingface.co', port=443, timeout=3.0):
@@ -202,41 +427,99 @@ def _network_available(host='huggingface.co', port=443, timeout=3.0):
     return bool(ok)
 
 
+def cached_timm_weights(arch):
+    """Path of timm's pretrained file for `arch` in the local Hugging Face cache, or None (never downloads)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        from timm.models import get_pretrained_cfg
+        cfg = get_pretrained_cfg(arch)
+        repo = getattr(cfg, 'hf_hub_id', None)
+        for filename in ([cfg.hf_hub_filename] if getattr(cfg, 'hf_hub_filename', None) else []) + \
+                ['model.safetensors', 'pytorch_model.bin']:
+            found = try_to_load_from_cache(repo, filename) if repo else None
+            if isinstance(found, str) and Path(found).is_file():
+                return Path(found)
+    except Exception:  # no huggingface_hub, unknown tag, ...: simply not cached
+        return None
+    return None
+
+
+def teacher_source(spec, weights, tiny, allow_download=True, allow_random=True):
+    """Where the teacher's weights come from: ('file', path) | ('tiny', why) | ('cache', path) | ('download', None)
+    | ('random', why). Refuses (data.UserError) a random full-size teacher unless allow_random."""
+    if weights is not None:
+        return 'file', Path(weights)
+    if tiny:
+        return 'tiny', 'tiny toy teacher'
+    cached = cached_timm_weights(spec.arch)
+    if cached is not None:
+        return 'cache', cached
+    if allow_download and _network_available():
+        return 'download', None
+    why = 'no --teacher-weights, no cached timm weights and no network for the timm download'
+    if not allow_random:
+        raise data.UserError(f'teacher {spec.name} has no weights ({why})', '--teacher-weights',
+                             'give the weights file (Meta .pth or timm .safetensors), or pass --random-teacher to '
+                             'distil a randomly initialised teacher on purpose')
+    return 'random', why
+
+
 def _random_teacher_banner(name, why):
     bar = '!' * 100
     print(f'{bar}\n!!! TEACHER {name} IS RANDOMLY INITIALISED ({why}).\n'
-          f'!!! Distillation will run, but the student learns random image features, not DINOv2/DINO ones.\n'
+          f'!!! Distillation will run, but the student learns random image features, not DINO-family ones.\n'
           f'!!! Give --teacher-weights PATH (Meta .pth or timm .safetensors) for a real teacher.\n{bar}',
           flush=True)
 
 
-def build_teacher(name, image_size, weights=None, tiny=False, allow_download=True, verbose=True):
-    """timm ViT for a Meta hub name, built at the teacher input size (H, W), frozen, eval."""
-    import timm  # only the distillation stage needs timm
-    if name not in TEACHERS:
-        raise ValueError(f'unknown teacher {name!r}; valid teachers: {", ".join(TEACHERS)}')
-    arch, feature = TEACHERS[name]
+def create_vit(spec, image_size, tiny=False, pretrained=False):
+    """timm.create_model for a teacher spec at the input size (H, W); check the patch divides the size."""
+    import timm
     kw = dict(img_size=tuple(image_size), num_classes=0, **(TINY_TEACHER if tiny else {}))
-    patch = 8 if 'patch8' in arch else 14
+    if pretrained:  # timm's own file at its native size, then OUR refit (Meta's position rules) below
+        kw = dict(num_classes=0)
+    try:
+        vit = timm.create_model(spec.arch, pretrained=pretrained, **kw)
+    except (TypeError, ValueError, RuntimeError, AssertionError) as e:
+        raise data.UserError(f'timm cannot build {spec.arch} as a ViT teacher ({type(e).__name__}: '
+                             f'{str(e)[:120]})', f'--teacher {spec.name}',
+                             'pick a timm ViT (timm.list_models("vit_*")); a tiny one needs depth / embed_dim / '
+                             'num_heads arguments, else use --teacher-arch full') from None
+    if not all(hasattr(vit, a) for a in ('forward_intermediates', 'patch_embed', 'blocks', 'num_prefix_tokens')):
+        raise data.UserError(f'timm {spec.arch} is not a ViT with patch tokens', f'--teacher {spec.name}',
+                             'pick a timm ViT, e.g. timm:vit_base_patch16_clip_224.openai')
+    patch = int(vit.patch_embed.patch_size[0])
     if image_size[0] % patch or image_size[1] % patch:
-        raise ValueError(f'--image-size {image_size} must be divisible by the patch size {patch} of {name}')
-    vit = timm.create_model(arch, pretrained=False, **kw)
-    if weights is not None:
-        load_teacher_weights(vit, weights, name)
-        return Teacher(name, vit, feature)
-    why = 'tiny toy teacher' if tiny else 'download disabled'
-    if not tiny and allow_download:
-        why = 'no --teacher-weights and no network for the timm download'
-        if _network_available():
-            try:  # timm's copy of Meta's weights at their native 518 px, then OUR pos_embed resampling (+0.1 trick)
-                native = timm.create_model(arch, pretrained=True, num_classes=0)
-                vit.load_state_dict(meta_to_timm(native.state_dict(), vit), strict=True)
-                return Teacher(name, vit, feature)
-            except Exception as e:  # no hub access, proxy, ...: fall back to the random teacher, loudly
-                why = f'timm pretrained download failed: {type(e).__name__}: {str(e)[:120]}'
-    if verbose:
-        _random_teacher_banner(name, why)
-    return Teacher(name, vit, feature)
+        raise data.UserError(f'--image-size {tuple(image_size)} is not divisible by the patch size {patch} of '
+                             f'{spec.name}', '--image-size', f'use multiples of {patch}, e.g. 224,448')
+    return vit
+
+
+def build_teacher(name, image_size, weights=None, tiny=False, allow_download=True, verbose=True,
+                  allow_random=True, source=None):
+    """timm ViT for a teacher name, built at the teacher input size (H, W), frozen, eval."""
+    spec = teacher_spec(name)
+    if spec.patch and (image_size[0] % spec.patch or image_size[1] % spec.patch):
+        raise data.UserError(f'--image-size {tuple(image_size)} is not divisible by the patch size {spec.patch} '
+                             f'of {name}', '--image-size', f'use multiples of {spec.patch}, e.g. 224,448')
+    kind, where = source or teacher_source(spec, weights, tiny, allow_download, allow_random)
+    vit = create_vit(spec, image_size, tiny=kind == 'tiny')
+    if kind in ('file', 'cache'):
+        load_teacher_weights(vit, where, name, spec.family)
+    elif kind == 'download':  # timm's copy of the weights at their native size, then our refit (as for a file)
+        try:
+            native = create_vit(spec, image_size, pretrained=True)
+        except Exception as e:
+            raise data.UserError(f'timm pretrained download of {spec.arch} failed ({type(e).__name__}: '
+                                 f'{str(e)[:120]})', f'--teacher {name}', 'give --teacher-weights FILE') from None
+        sd, extra, missing = fit_state_dict(native.state_dict(), vit, spec.family)
+        load_state_dict_strict(vit, sd, extra, missing, f'timm pretrained {spec.arch}', name)
+        round_dinov3_periods(vit, spec.family, extra)
+    else:  # tiny / random
+        round_dinov3_periods(vit, spec.family, {})
+        if verbose:
+            _random_teacher_banner(name, where)
+    return Teacher(name, vit, spec.feature)
 
 
 def pixel_features(fmap, pairs, patch):
@@ -263,7 +546,29 @@ def pixel_features(fmap, pairs, patch):
 # ----------------------------------------------------------------------------------------------------------------
 # The distillation sample (official.md Sec. 2.6) and its batching
 
-def distill_sample(ds, i, cfg, image_size, rng, cameras='one'):
+def read_camera_image(sub, j, cam):
+    """(H, W, 3) uint8, or (None, reason) for a missing / unreadable (truncated, corrupt) image: both are skipped
+    and counted alike (an unreadable one also prints one warning naming the scan and the camera)."""
+    from PIL import Image
+    try:
+        return sub.image(j, cam), None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # PIL's decode errors
+        unreadable = getattr(data, 'UnreadableImageError', ())
+        if isinstance(err, FileNotFoundError) and not isinstance(err, unreadable):
+            return None, 'missing image'
+        if not isinstance(err, unreadable):  # data.py's reader warns itself for the errors it wraps
+            data.warn(f'unreadable camera image of scan {sub.scan_id(j)} ({cam}): {str(err)[:200]}; skipped')
+        return None, 'unreadable image'
+
+
+def resize_images(img, image_size, antialias=False):
+    """(V, 3, H, W) float -> (V, 3, h, w): torchvision.transforms.functional.resize on tensors = bilinear, no crop,
+    aspect ratio not kept. antialias=False is torchvision < 0.17's default for tensors (0.12 ... 0.16),
+    antialias=True torchvision >= 0.17's (--antialias)."""
+    return F.interpolate(img, size=tuple(image_size), mode='bilinear', align_corners=False, antialias=antialias)
+
+
+def distill_sample(ds, i, cfg, image_size, rng, cameras='one', antialias=False):
     """One scan -> (sample dict, None) or (None, reason to skip). Official order, official.md Sec. 2.6.
 
     cameras='one' (official): one camera uniformly at random; sample['image'] (3, h, w), sample['pairs'] (M, 2)
@@ -273,15 +578,16 @@ def distill_sample(ds, i, cfg, image_size, rng, cameras='one'):
     sub, j = ds.sub(i) if hasattr(ds, 'sub') else (ds, i)
     # one camera uniformly at random per scan and iteration (KITTI: its camera, PandaSet-GT: front_camera)
     cams = [sub.cameras[int(rng.integers(len(sub.cameras)))]] if cameras == 'one' else list(sub.cameras)
-    images, views = [], []
+    images, views, reason = [], [], None
     for cam in cams:
-        try:
-            images.append(sub.image(j, cam))  # (H, W, 3) uint8
-        except FileNotFoundError:
+        im, why = read_camera_image(sub, j, cam)  # (H, W, 3) uint8
+        if im is None:
+            reason = reason or why
             continue  # 'all': the scan keeps its other cameras
+        images.append(im)
         views.append(cam)
     if not images:
-        return None, 'missing image'
+        return None, reason
     pts = sub.points(j)  # (N, 4) x, y, z, raw intensity
     kept = data.voxelize(pts[:, :3], cfg.voxel, rng)  # (M,) one random point per 0.1 m voxel
     view, row, col = point_pixels(sub, j, views, len(pts), image_size, rng)  # (N,) each; view -1 = not visible
@@ -297,8 +603,7 @@ def distill_sample(ds, i, cfg, image_size, rng, cameras='one'):
     xyz, sel = xyz[inside], sel[inside]
     intensity = sub.normalize_intensity(pts[sel, 3])
     img = torch.stack([torch.tensor(im).permute(2, 0, 1).float() / 255.0 for im in images])  # (V, 3, H, W)
-    # torchvision.transforms.functional.resize on tensors = bilinear, no antialias (official.md Sec. 2.5)
-    img = F.interpolate(img, size=tuple(image_size), mode='bilinear', align_corners=False, antialias=False)
+    img = resize_images(img, image_size, antialias)  # (V, 3, h, w), as the official torchvision resize
     sample = dict(feat=data.input_features(xyz, intensity).T.copy(),  # (5, M) [int, x, y, z, radius]
                   xyz=xyz, cells=data.cell_indices(xyz, cfg), neighbors=data.knn_indices(xyz, cfg.k),
                   scan_id=sub.scan_id(j), kept=sel)
@@ -337,9 +642,9 @@ class DistillDataset(torch.utils.data.Dataset):
     A scan that must be skipped (missing image, no visible point) is replaced by the next scan; the skip is
     recorded in sample['skipped'] and counted by the training loop."""
 
-    def __init__(self, ds, cfg, image_size, seed=0, max_tries=32, cameras='one'):
+    def __init__(self, ds, cfg, image_size, seed=0, max_tries=32, cameras='one', antialias=False):
         self.ds, self.cfg, self.image_size, self.seed, self.max_tries = ds, cfg, tuple(image_size), seed, max_tries
-        self.cameras = cameras
+        self.cameras, self.antialias = cameras, antialias
 
     def __len__(self):
         return len(self.ds)
@@ -350,13 +655,15 @@ class DistillDataset(torch.utils.data.Dataset):
         skipped = []
         for attempt in range(self.max_tries):
             j = (index + attempt) % len(self.ds)
-            sample, reason = distill_sample(self.ds, j, self.cfg, self.image_size, rng, self.cameras)
+            sample, reason = distill_sample(self.ds, j, self.cfg, self.image_size, rng, self.cameras,
+                                            self.antialias)
             if sample is not None:
                 sample['skipped'] = skipped
                 return sample
             skipped.append((self.ds.scan_id(j), reason))
-        raise RuntimeError(f'{self.max_tries} consecutive scans from #{index} of {self.ds.name} were skipped '
-                           f'(e.g. {skipped[:3]}): are the camera images present under the dataset root?')
+        raise data.UserError(f'{self.max_tries} consecutive scans from #{index} of {self.ds.name} were skipped '
+                             f'(e.g. {skipped[:3]})', '--root', 'are the camera images present under the dataset '
+                             'root, and readable?')
 
 
 def distill_collate(samples):
@@ -439,13 +746,49 @@ def infonce_loss(student, target, temperature=0.07, max_pairs=4096, generator=No
     return F.cross_entropy(logits, torch.arange(len(s), device=s.device), reduction=reduction)
 
 
-def pair_loss(student, target, args, it):
-    """(sum of the per-point losses, number of points it sums over) for --loss eq1 | infonce."""
+def pair_loss(student, target, scan, args, it):
+    """Per-point losses (n,) and the scan of each (n,) for --loss eq1 (all M points) | infonce (n sampled points).
+    student, target (M, C); scan (M,) index of each point's scan in this rank's batch."""
     if args.loss == 'eq1':
-        return distill_loss(student, target, reduction='sum'), len(student)  # Eq. (1) summed over the M points
+        return distill_loss(student, target, reduction='none'), scan  # Eq. (1) at each of the M points
     g = torch.Generator().manual_seed(args.seed * 1_000_003 + it)  # same draw after --resume
-    n = min(len(student), args.infonce_pairs)
-    return infonce_loss(student, target, args.temperature, args.infonce_pairs, g, reduction='sum'), n
+    if len(student) > args.infonce_pairs:  # the draw infonce_loss would make, kept to know each point's scan
+        keep = torch.randperm(len(student), generator=g)[:args.infonce_pairs].to(student.device)  # (S,)
+        student, target, scan = student[keep], target[keep], scan[keep]
+    return infonce_loss(student, target, args.temperature, len(student), reduction='none'), scan
+
+
+def loss_terms(per_point, scan, n_scans, mode):
+    """This rank's share of the batch loss as (sum, count), summed over the ranks, so loss = sum / count.
+
+    mode 'points': Eq. (1) as written, one mean over ALL paired points of the global batch: (sum_p d_p, M); scans
+      with many visible points (KITTI, PandaSet: up to 20k) weigh more than small ones (~3k for a nuScenes camera).
+    mode 'scan': the mean over the B scans of the global batch of each scan's own mean over its paired points:
+      (sum_b mean_{p in b} d_p, B). The official code averages per GPU then DDP averages the GPUs (ScaLR
+      utils/distiller.py), so in the released recipe (8 GPUs x 1 scan) every scan weighs the same: 'scan' equals it
+      at any world size, and 1 process equals N. A scan without a term (InfoNCE's sampling missed it) is left out.
+    per_point (n,) losses, scan (n,) int64 scan index in 0..n_scans-1 -> (scalar tensor, float)."""
+    # Eq. (1) per scan: L_b = 1/M_b sum_{p in b} d_p; 'scan' returns sum_b L_b (divided by B over all ranks)
+    if mode == 'points':
+        return per_point.sum(), float(len(per_point))
+    sums = torch.zeros(n_scans, device=per_point.device).index_add_(0, scan, per_point.float())  # (B,)
+    counts = torch.zeros(n_scans, device=per_point.device).index_add_(0, scan, torch.ones_like(per_point.float()))
+    has = counts > 0
+    return (sums[has] / counts[has]).sum(), float(has.sum().item())
+
+
+def reduce_loss(per_point, scan, n_scans, mode, device, n_points=None):
+    """(loss to backpropagate on this rank, loss of the global batch, points M of the global batch).
+
+    The loss of the global batch is S / K with S, K the sums over ranks of loss_terms. DDP AVERAGES the gradients
+    over the `world` ranks, so each rank backpropagates its own sum times world / K: the average is then exactly
+    the gradient of S / K, whatever the world size."""
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    local_sum, local_count = loss_terms(per_point, scan, n_scans, mode)
+    n_points = len(per_point) if n_points is None else n_points  # M (InfoNCE: all points, not the sampled ones)
+    totals = wi.all_reduce_sum(torch.tensor([local_count, local_sum.item(), float(n_points)],
+                                            device=device))  # [K, S, M] of the global batch
+    return local_sum * (world / totals[0]), totals[1] / totals[0], int(totals[2].item())
 
 
 def teacher_targets(teachers, images, pairs):
@@ -526,11 +869,8 @@ def resolve_budget(args, names, n_scans, world=1):
     return per_epoch, total, stop
 
 
-def parse_args(argv=None):
-    class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-        pass
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
-    a = p.add_argument
+def _add_data_and_teacher_flags(a):
+    """--data ... --antialias: what is distilled from what."""
     a('--data', default='toy', choices=data.DATASET_NAMES, help='pretraining data (toy = embedded toy nuScenes)')
     a('--root', default=None, help='dataset root (toy: data/toy, generated if missing)')
     a('--version', default=None, help='nuScenes version, e.g. v1.0-trainval (data.py default if unset)')
@@ -539,94 +879,143 @@ def parse_args(argv=None):
            'dataset folder found under --root; Supp. B.2 multi-dataset: all four)')
     a('--split', default='train', help='split used for pretraining (official: train splits only, Sec. 1.5)')
     a('--teacher', default='dinov2_vitl14',
-      help=f'2D teacher(s), comma-separated for multi-teacher (paper: dinov2_vitl14); one of {", ".join(TEACHERS)}')
+      help=f'2D teacher(s), comma-separated for multi-teacher, any mix (paper: dinov2_vitl14); '
+           f'{valid_teachers_text()}. Feature: patch tokens before the last norm, CLS and registers dropped '
+           '(dino_vits8: last-layer keys)')
     a('--teacher-weights', default=None,
-      help='comma-separated local weights per teacher (Meta .pth or timm .safetensors); default: timm download '
-           'if online, else a LOUDLY random teacher')
+      help='comma-separated local weights per teacher (Meta .pth or timm .safetensors), loaded strictly; default: '
+           'timm\'s cached weights, else the timm download if online, else refused on real data (see '
+           '--random-teacher); the toy world uses a random tiny teacher')
+    a('--random-teacher', action='store_true',
+      help='on real data, distil a randomly initialised teacher on purpose when it has no weights (a baseline)')
     a('--teacher-arch', default='auto', choices=['auto', 'full', 'tiny'],
       help='tiny = same timm class with depth 2, width 96 (auto: tiny on toy data without weights)')
-    a('--image-size', default='224,448', help='teacher input H,W (official.md Sec. 2.5: 224,448; ScaLR+ 448,896)')
+    a('--image-size', type=data.image_size_type, default='224,448',
+      help='teacher input H,W (ScaLR: 224,448; ScaLR+: 448,896); multiples of every patch size')
+    a('--antialias', default='off', choices=['on', 'off'],
+      help='antialias of the bilinear image resize: off = the official resize under torchvision < 0.17 (0.12 ... '
+           '0.16, whose tensor default is no antialias), on = under torchvision >= 0.17')
+
+
+def _add_model_schedule_loss_flags(a):
+    """--head ... --cell: the student, the Supp. B.2 schedule, the loss and the exercises' knobs."""
     a('--head', default=None, choices=['linear', 'mlp'],
       help='3D head: linear Conv1d (released ScaLR, one teacher) or Supp. B.2 MLP (default with several teachers)')
     a('--preset', default=None, choices=list(PRESETS),
       help='Supp. B.2 schedule (default: toy on toy data, else wi768 = the released model); flags below override')
-    a('--width', type=int, default=None, help='WaffleIron width F (preset; WI-256 / WI-768)')
-    a('--depth', type=int, default=None, help='WaffleIron depth L (preset; paper 48)')
-    a('--epochs', type=int, default=None, help='epochs (Supp. B.2 via preset)')
-    a('--batch-size', type=int, default=None, help='GLOBAL batch size, split over DDP processes (preset: 16 or 8)')
-    a('--lr', type=float, default=0.002, help='peak learning rate (Supp. B.2: 0.002)')
-    a('--min-lr', type=float, default=1e-5, help='final cosine learning rate (Supp. B.2: 1e-5)')
-    a('--weight-decay', type=float, default=3e-4,
+    a('--width', type=data.positive_int, default=None, help='WaffleIron width F (preset; WI-256 / WI-768)')
+    a('--depth', type=data.positive_int, default=None, help='WaffleIron depth L (preset; paper 48)')
+    a('--epochs', type=data.positive_int, default=None, help='epochs (Supp. B.2 via preset)')
+    a('--batch-size', type=data.positive_int, default=None,
+      help='GLOBAL batch size, split over DDP processes (preset: 16 or 8)')
+    a('--lr', type=data.positive_float, default=0.002, help='peak learning rate (Supp. B.2: 0.002)')
+    a('--min-lr', type=data.nonneg_float, default=1e-5, help='final cosine learning rate (Supp. B.2: 1e-5)')
+    a('--weight-decay', type=data.nonneg_float, default=3e-4,
       help='AdamW weight decay (Supp. B.2: 3e-4; the official config uses 0.03, official.md Sec. 6.2)')
-    a('--warmup-iters', type=int, default=None, help='linear warmup iterations (Supp. B.2 multi: 3500)')
-    a('--warmup-epochs', type=float, default=None, help='linear warmup in epochs (Supp. B.2 mono: 2)')
-    a('--drop-path', type=float, default=0.0, help='drop path during distillation (official: 0; ScaLR+ 0.2)')
-    a('--max-points', type=int, default=20000, help='LimitNumPoints after the visibility filter (official: 20000)')
+    a('--warmup-iters', type=data.nonneg_int, default=None, help='linear warmup iterations (Supp. B.2 multi: 3500)')
+    a('--warmup-epochs', type=data.nonneg_float, default=None, help='linear warmup in epochs (Supp. B.2 mono: 2)')
+    a('--drop-path', type=data.nonneg_float, default=0.0,
+      help='drop path during distillation (official: 0; ScaLR+ 0.2)')
+    a('--max-points', type=data.nonneg_int, default=20000,
+      help='LimitNumPoints after the visibility filter (official: 20000; 0 = no limit)')
     a('--loss', default='eq1', choices=['eq1', 'infonce'],
       help='eq1 = Eq. (1), the paper\'s l2 distance of normalised features; infonce = point-to-pixel contrastive '
            'loss of SLidR / PPKT (exercise a, not ScaLR)')
-    a('--temperature', type=float, default=0.07, help='InfoNCE temperature (exercise a; PPKT / SLidR: 0.07)')
-    a('--infonce-pairs', type=int, default=4096,
+    a('--loss-mean', default='scan', choices=['scan', 'points'],
+      help='scan = mean over the scans of the global batch of each scan\'s mean over its paired points (the '
+           'official per-GPU mean + DDP average of the released 8 GPUs x 1 scan, at any world size); points = one '
+           'mean over all paired points of the global batch (Eq. (1) as written; scans with more points weigh more)')
+    a('--temperature', type=data.positive_float, default=0.07,
+      help='InfoNCE temperature (exercise a; PPKT / SLidR: 0.07)')
+    a('--infonce-pairs', type=data.positive_int, default=4096,
       help='InfoNCE: paired points sampled per batch and rank, the negatives of each other (exercise a; SLidR: 4096)')
     a('--cameras', default='one', choices=['one', 'all'],
       help='one = one random camera per scan and iteration (official.md Sec. 2.6); all = every image of the scan, '
            'as Supp. E suggests ("from 1 to 6"; exercise b)')
-    a('--knn', type=int, default=None,
+    a('--knn', type=data.positive_int, default=None,
       help='neighbours k of the point embedding (official.md Sec. 3.6: 16; exercise c); stored in model.pth')
-    a('--cell', type=float, default=None,
+    a('--cell', type=data.positive_float, default=None,
       help='grid cell size in metres over the same FOV (official.md Sec. 3.4: 0.5 m; toy: 1 m; exercise d); '
            'stored in model.pth, probe.py / finetune.py reuse it')
+
+
+def _add_run_flags(a):
+    """--amp ... --no-progress: how the run is executed and where it writes."""
     a('--amp', default='none', choices=['none', 'fp16', 'bf16'],
       help='autocast precision (official: fp16 + GradScaler; ScaLR+: bf16)')
-    a('--workers', type=int, default=None, help='DataLoader worker processes per rank (default: 2; 0 on the toy, '
-      'whose samples take ~15 ms each)')
-    a('--threads', type=int, default=None, help='torch CPU threads (default: torch\'s own; 1 on the toy: on a '
-      'busy 2-core machine, 2 OpenMP threads plus loader workers were measured up to 20x slower)')
-    a('--seed', type=int, default=0, help='seed of model init, scan order and per-scan randomness')
-    a('--max-iters', type=int, default=0, help='stop after this many iterations (smoke runs; 0 = full budget)')
-    a('--save-every', type=int, default=0, help='also write ckpt_last.pth every N iterations (0: each epoch)')
-    a('--log-every', type=int, default=1, help='log.csv row every N iterations')
+    a('--workers', type=data.nonneg_int, default=None,
+      help='DataLoader worker processes per rank (default: 2; 0 on the toy, whose samples take ~15 ms each)')
+    a('--threads', type=data.nonneg_int, default=None,
+      help='torch CPU threads (default: torch\'s own; 1 on the toy: on a busy 2-core machine, 2 OpenMP threads '
+           'plus loader workers were measured up to 20x slower)')
+    a('--seed', type=data.nonneg_int, default=0, help='seed of model init, scan order and per-scan randomness')
+    a('--max-iters', type=data.nonneg_int, default=0,
+      help='stop after this many iterations (smoke runs; 0 = full budget)')
+    a('--save-every', type=data.nonneg_int, default=0,
+      help='also write ckpt_last.pth every N iterations (0: each epoch)')
+    a('--log-every', type=data.positive_int, default=1, help='log.csv row every N iterations')
     a('--out', default='runs/distill', help='output folder: model.pth, ckpt_last.pth, log.csv, loss.png')
     a('--resume', action='store_true', help='continue bit-exact from OUT/ckpt_last.pth')
+    a('--overwrite', action='store_true', help='start over in an --out that already holds a run (deletes its '
+      'model.pth, ckpt_last.pth, log.csv)')
+    a('--device', default='auto', help='auto (cuda if available, else cpu), cpu, cuda or cuda:N (single process; '
+      'torchrun uses cuda:LOCAL_RANK)')
     a('--compile', action='store_true', help='torch.compile the student (GPU speed-up; not in the official code)')
     a('--no-progress', action='store_true', help='no tqdm bar')
-    args = p.parse_args(argv)
-    args.image_size = tuple(int(v) for v in args.image_size.split(','))
-    return args
+
+
+def parse_args(argv=None):
+    class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+        pass
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
+    a = p.add_argument
+    _add_data_and_teacher_flags(a)
+    _add_model_schedule_loss_flags(a)
+    _add_run_flags(a)
+    return p.parse_args(argv)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Building blocks of the run
 
-def check_output_dir(out):
-    """Fail at start (not after hours of training) if --out cannot be written."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix='.write_test_'):
-            pass
-    except OSError as e:
-        raise SystemExit(f'error: output folder {out} is not writable ({e.strerror}); pass a writable --out DIR')
-
-
-def build_teachers(args, device):
+def plan_teachers(args):
+    """Check --teacher / --teacher-weights / --teacher-arch / --random-teacher BEFORE any data is read.
+    Returns [(name, weights, tiny, source)], source as teacher_source (a real-data teacher without weights is
+    refused here unless --random-teacher)."""
     names = [n.strip() for n in args.teacher.split(',') if n.strip()]
-    weights = args.teacher_weights.split(',') if args.teacher_weights else [None] * len(names)
+    if not names:
+        raise data.UserError('no teacher given', '--teacher', valid_teachers_text())
+    # an empty entry (e.g. "a.pth,") = no file for that teacher
+    weights = [w.strip() or None for w in args.teacher_weights.split(',')] if args.teacher_weights else \
+        [None] * len(names)
     if len(weights) != len(names):
-        raise SystemExit(f'error: {len(names)} teachers ({names}) but {len(weights)} --teacher-weights files')
-    unknown = [n for n in names if n not in TEACHERS]
-    if unknown:
-        raise SystemExit(f'error: unknown teacher(s) {unknown}; valid teachers: {", ".join(TEACHERS)}')
+        raise data.UserError(f'{len(names)} teachers ({", ".join(names)}) but {len(weights)} weights files',
+                             '--teacher-weights', 'give one file per teacher, comma-separated, in the same order')
+    if args.random_teacher and all(w is not None for w in weights):
+        raise data.UserError('--random-teacher, but every teacher has --teacher-weights', '--random-teacher',
+                             'pass one of them')
     toy = is_toy(args)
-    teachers = []
+    plan = []
     for name, w in zip(names, weights):
+        spec = teacher_spec(name)  # unknown names refused here
         tiny = args.teacher_arch == 'tiny' or (args.teacher_arch == 'auto' and toy and w is None)
         if tiny and w is not None:
-            raise SystemExit('error: --teacher-arch tiny cannot load --teacher-weights (they are full-size)')
-        try:
-            teachers.append(build_teacher(name, args.image_size, w, tiny=tiny, verbose=wi.is_main()).to(device))
-        except (ValueError, FileNotFoundError, ImportError) as e:
-            raise SystemExit(f'error: {e}')
-    return teachers
+            raise data.UserError('--teacher-arch tiny cannot load --teacher-weights (they are full-size)',
+                                 '--teacher-arch', 'drop --teacher-arch tiny, or the weights')
+        if w is not None and not Path(w).is_file():
+            raise data.UserError(f'no such file: {w}', '--teacher-weights',
+                                 f'give a Meta .pth or a timm .safetensors for {name}')
+        # the toy world accepts a random full-size teacher (loudly); real data only with --random-teacher
+        source = teacher_source(spec, w, tiny, allow_download=not args.random_teacher,
+                                allow_random=toy or args.random_teacher)
+        plan.append((name, w, tiny, source))
+    return plan
+
+
+def build_teachers(args, device, plan):
+    """The frozen teachers of the plan, on `device` (random ones seeded by the caller)."""
+    return [build_teacher(name, args.image_size, w, tiny=tiny, verbose=wi.is_main(), source=source).to(device)
+            for name, w, tiny, source in plan]
 
 
 def build_student(args, cfg, dims, head):
@@ -646,19 +1035,38 @@ def run_config(args, cfg, dims, head, total, per_epoch):
                 cfg.grids], fov_min=list(cfg.fov_min), fov_max=list(cfg.fov_max), dim_proj=list(cfg.dim_proj),
                 voxel=cfg.voxel, k=cfg.k, cell=data.cell_size(cfg), max_points=cfg.max_points, loss=args.loss,
                 temperature=args.temperature, infonce_pairs=args.infonce_pairs, cameras=args.cameras,
+                loss_mean=args.loss_mean, antialias=args.antialias,
                 preset=args.preset, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr,
-                weight_decay=args.weight_decay, warmup_iters=args.warmup_iters, total_iters=total, iters_per_epoch=per_epoch,
+                weight_decay=args.weight_decay, warmup_iters=args.warmup_iters, total_iters=total,
+                iters_per_epoch=per_epoch,
                 drop_path=args.drop_path, amp=args.amp, seed=args.seed)
 
 
-def check_resume_compatible(ckpt_path, ckpt, config):
-    keys = ('width', 'depth', 'head', 'teacher', 'teacher_dims', 'batch_size', 'total_iters', 'data', 'seed', 'loss',
-            'cameras', 'k', 'grids')
-    diff = [f'{k}: checkpoint {ckpt["config"].get(k)!r} vs now {config[k]!r}' for k in keys
-            if ckpt['config'].get(k, config[k]) != config[k]]
-    if diff:
-        raise SystemExit(f'error: cannot --resume from {ckpt_path}, it was trained with other settings:\n  '
-                         + '\n  '.join(diff) + '\nUse the same flags, or another --out to start a new run.')
+def check_resume(path, ckpt, config):
+    """--resume continues the SAME distillation: refuse a checkpoint of another stage (e.g. a finetune
+    ckpt_last.pth) and any changed setting, listing every difference (waffleiron.check_resume_config)."""
+    saved = ckpt.get('config') if isinstance(ckpt, dict) else None
+    if not isinstance(saved, dict) or saved.get('stage') != 'distill' or 'optim' not in ckpt:
+        stage = saved.get('stage') if isinstance(saved, dict) else None
+        raise data.UserError(f'{path} is not a checkpoint of this stage (distillation; it was written by '
+                             f'{stage or "another program"})', '--resume',
+                             'pass the --out of a previous distill.py run, or drop --resume')
+    # runs from before --loss-mean / --antialias existed used one mean over the points and no antialias
+    saved = {'loss_mean': 'points', 'antialias': 'off', **saved}
+    # 'model' (the network's own config) repeats width / depth / head ...: listed through those keys instead
+    wi.check_resume_config(path, saved, config, keys=[k for k in config if k != 'model'], stage='distill')
+
+
+def read_resume_checkpoint(path):
+    """wi.load_training_checkpoint with one clear line for a truncated / unreadable file."""
+    try:
+        return wi.load_training_checkpoint(path)
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        if isinstance(e, data.UserError):
+            raise
+        first = (str(e).splitlines() or [''])[0][:160]
+        raise data.UserError(f'cannot read {path} ({type(e).__name__}: {first})', '--resume',
+                             'the file is truncated or corrupt: restart with --overwrite (or another --out)') from None
 
 
 def to_device(batch, device):
@@ -675,26 +1083,26 @@ def train_step(model, teachers, batch, dims, opt, sched, scaler, args, device, i
     """One iteration; returns (loss of the global batch, lr used, teacher seconds, points M of the global batch)."""
     batch = to_device(batch, device)
     t0 = time.perf_counter()
-    with wi.autocast_context(device, args.amp):  # the teacher runs under autocast too (official.md Sec. 2.5)
+    with wi.autocast_context(device, args.amp):  # the teacher runs under autocast too (ScaLR utils/distiller.py)
         target = teacher_targets(teachers, batch['images'], batch['pairs'])  # (M, sum C_t)
     sync(device)
     t_teacher = time.perf_counter() - t0
     with wi.autocast_context(device, args.amp):
         student = student_outputs(model, batch, dims)  # (M, sum C_t)
-    dist_sum, n_terms = pair_loss(student, target, args, it)  # fp32; Eq. (1) (default) or --loss infonce
-    # Eq. (1) averages over ALL paired points of the GLOBAL batch: M_global points over the ranks. DDP averages the
-    # gradients over ranks, hence the factor world / M_global (the official code averages per-GPU means instead).
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    counts = wi.all_reduce_sum(torch.tensor([float(n_terms), dist_sum.item(), float(len(student))], device=device))
-    loss = dist_sum * (world / counts[0])
-    global_loss = wi.check_finite(counts[1] / counts[0], it + 1)  # raises before the update; 1-based as log.csv
-    lr = opt.param_groups[0]['lr']  # the lr of this step (the very first step uses lr = 0, official.md Sec. 6.1)
+    scan = batch['occupied'].nonzero()[:, 0]  # (M,) scan of each point, scan-major like student and target
+    per_point, scan = pair_loss(student, target, scan, args, it)  # fp32; Eq. (1) (default) or --loss infonce
+    # --loss-mean scan (default): mean over the scans of the global batch of each scan's mean; points: Eq. (1)'s
+    # mean over all paired points of the global batch (see loss_terms)
+    loss, global_loss, points = reduce_loss(per_point, scan, batch['occupied'].shape[0], args.loss_mean, device,
+                                            n_points=len(student))
+    global_loss = wi.check_finite(global_loss, it + 1)  # raises before the update; 1-based as log.csv
+    lr = opt.param_groups[0]['lr']  # the lr of this step (the very first step uses lr = 0, as the official one)
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(opt)
     scaler.update()
     sched.step()
-    return global_loss, lr, t_teacher, int(counts[2].item())
+    return global_loss, lr, t_teacher, points
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -704,13 +1112,34 @@ LOG_FIELDS = ['iteration', 'epoch', 'loss', 'lr', 'scans_per_s', 'teacher_share'
 
 
 def make_loader(args, ds, cfg, rank, world, device):
-    dataset = DistillDataset(ds, cfg, args.image_size, seed=args.seed, cameras=args.cameras)
+    dataset = DistillDataset(ds, cfg, args.image_size, seed=args.seed, cameras=args.cameras,
+                             antialias=args.antialias == 'on')
     sampler = EpochSampler(len(ds), args.batch_size, seed=args.seed, rank=rank, world=world)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size // world, sampler=sampler,
                                          collate_fn=distill_collate, num_workers=args.workers, drop_last=True,
                                          generator=torch.Generator().manual_seed(args.seed),
                                          pin_memory=device.type == 'cuda')
     return loader, sampler
+
+
+def load_data(args):
+    """The pretraining dataset; a dataset error becomes one line naming --data / --root."""
+    try:
+        return data.get_dataset(args.data, root=args.root, split=args.split, version=args.version,
+                                sets=args.merged_sets.split(',') if args.data == 'merged' and args.merged_sets
+                                else None)
+    except data.UserError:
+        raise
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        raise data.UserError(f'cannot read the {args.data} data ({e})', f'--data {args.data} --root {args.root}',
+                             'check --root / --version / --split') from None
+
+
+def setup_device(args):
+    """--device (validated before any data is read) and the DDP layout: (rank, world, device)."""
+    dev = wi.resolve_device(None if args.device == 'auto' else args.device)
+    rank, world, device = wi.ddp_setup(device=dev.type)
+    return rank, world, (dev if world == 1 else device)
 
 
 def main(argv=None):
@@ -721,25 +1150,26 @@ def main(argv=None):
         args.threads = 1
     if args.threads:
         torch.set_num_threads(args.threads)
-    rank, world, device = wi.ddp_setup()
+    rank, world, device = setup_device(args)
     out = Path(args.out)
-    if wi.is_main():
-        check_output_dir(out)
-    try:
-        ds = data.get_dataset(args.data, root=args.root, split=args.split, version=args.version,
-                              sets=args.merged_sets.split(',') if args.data == 'merged' and args.merged_sets else None)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f'error: --data {args.data}: {e}')
+    plan = plan_teachers(args)  # unknown teacher, missing file, no weights on real data: refused now
+    if wi.is_main():  # writable, not a previous run unless --resume / --overwrite (before any data is read)
+        wi.prepare_run_dir(out, resume=args.resume, overwrite=args.overwrite)
+    ds = load_data(args)
     # merged without --root = toy nuScenes + toy KITTI (pillar 3 in miniature): the toy grid and budget
     grid_key = 'toy' if is_toy(args) else args.data
     cfg = data.with_cell(data.grid_config(grid_key, 'pretrain'), cell=args.cell, k=args.knn)  # exercises c, d
     cfg.max_points = args.max_points or None
     wi.print0(f'grid: FOV {tuple(cfg.fov_min)}..{tuple(cfg.fov_max)} m, cell {data.cell_size(cfg):g} m -> planes '
-              f'{[list(g) for g in cfg.grids]}; kNN k = {cfg.k}; loss {args.loss}; cameras {args.cameras}')
+              f'{[list(g) for g in cfg.grids]}; kNN k = {cfg.k}; loss {args.loss} (mean over {args.loss_mean}); '
+              f'cameras {args.cameras}')
     names = [d.name for d in ds.datasets] if hasattr(ds, 'datasets') else [ds.name]
-    per_epoch, total, stop = resolve_budget(args, names, len(ds), world)
+    try:
+        per_epoch, total, stop = resolve_budget(args, names, len(ds), world)
+    except ValueError as e:
+        raise data.UserError(str(e), '--batch-size', 'lower --batch-size or use more scans') from None
     wi.seed_everything(args.seed)  # a random-init teacher must be the same on every rank and after --resume
-    teachers = build_teachers(args, device)
+    teachers = build_teachers(args, device, plan)
     dims = [t.dim for t in teachers]
     head = args.head or ('mlp' if len(dims) > 1 else 'linear')
     wi.seed_everything(args.seed)  # the student init does not depend on how the teachers were built
@@ -751,22 +1181,30 @@ def main(argv=None):
                         config=dict(run_config(args, cfg, dims, head, total, per_epoch), model=model.config),
                         epoch=0, batches_done=0, it=0, skips={}, t_total=0.0, t_teacher=0.0, scans=0)
     if args.resume:
-        path = out / 'ckpt_last.pth'
-        try:
-            ckpt = wi.load_training_checkpoint(path)
-        except FileNotFoundError as e:
-            raise SystemExit(f'error: --resume: {e}')
-        check_resume_compatible(path, ckpt, r.config)
-        r.epoch, r.it = wi.restore_training_state(ckpt, model, r.opt, r.sched, r.scaler)
-        r.batches_done, r.skips = int(ckpt['batches_done']), dict(ckpt['skips'])
-        wi.print0(f'resumed from {path} at iteration {r.it} (epoch {r.epoch}, batch {r.batches_done})')
+        resume_state(r, model)
+    return run(r, model, ds, cfg, rank, world)
+
+
+def resume_state(r, model):
+    """Restore model / optimizer / schedule / RNG / loop counters from OUT/ckpt_last.pth (checked first)."""
+    path = r.out / 'ckpt_last.pth'
+    ckpt = read_resume_checkpoint(path)
+    check_resume(path, ckpt, r.config)
+    r.epoch, r.it = wi.restore_training_state(ckpt, model, r.opt, r.sched, r.scaler)
+    r.batches_done, r.skips = int(ckpt['batches_done']), dict(ckpt['skips'])
+    wi.print0(f'resumed from {path} at iteration {r.it} (epoch {r.epoch}, batch {r.batches_done})')
+
+
+def run(r, model, ds, cfg, rank, world):
+    """Train, then save the final model BEFORE the plots and the report (a late failure loses nothing)."""
+    args = r.args
     if args.compile:
         model = torch.compile(model)
-    r.model = wi.wrap_ddp(model, device).train()
+    r.model = wi.wrap_ddp(model, r.device).train()
     if wi.is_main():
-        (out / 'config.json').write_text(json.dumps(r.config, indent=1))
-    r.log = wi.CSVLog(out / 'log.csv', LOG_FIELDS, resume_iteration=r.it if args.resume else None)
-    r.loader, r.sampler = make_loader(args, ds, cfg, rank, world, device)
+        (r.out / 'config.json').write_text(json.dumps(r.config, indent=1))
+    r.log = wi.CSVLog(r.out / 'log.csv', LOG_FIELDS, resume_iteration=r.it if args.resume else None)
+    r.loader, r.sampler = make_loader(args, ds, cfg, rank, world, r.device)
     try:
         train_loop(r)
     except FloatingPointError as e:
@@ -774,7 +1212,7 @@ def main(argv=None):
     save_state(r)
     report(r, world)
     wi.ddp_cleanup()
-    return out
+    return r.out
 
 
 def train_loop(r):
@@ -822,12 +1260,17 @@ def save_state(r):
 
 
 def report(r, world):
-    """Final summary: skipped scans (summed over ranks), throughput, teacher share; loss.png."""
-    reasons = ('missing image', 'no point in image', 'no visible point in the FOV')
+    """Final summary: skipped scans (summed over ranks), throughput, teacher share; loss.png. Runs after the final
+    model is saved: a failing plot only warns."""
+    reasons = ('missing image', 'unreadable image', 'no point in image', 'no visible point in the FOV')
     counts = wi.all_reduce_sum(torch.tensor([float(r.skips.get(k, 0)) for k in reasons]))
     if not wi.is_main():
         return
-    wi.plot_log(r.out / 'log.csv', r.out / 'loss.png', ['loss', 'lr'], title=f'ScaLR distillation ({r.args.data})')
+    try:
+        wi.plot_log(r.out / 'log.csv', r.out / 'loss.png', ['loss', 'lr'],
+                    title=f'ScaLR distillation ({r.args.data})')
+    except Exception as e:  # noqa: BLE001 - model.pth is already written; the plot is a convenience
+        data.warn(f'could not draw {r.out / "loss.png"} ({type(e).__name__}: {e}); model.pth and log.csv are saved')
     skipped = ', '.join(f'{int(c)} {k}' for k, c in zip(reasons, counts.tolist()))
     rate, share = r.scans / max(r.t_total, 1e-9), r.t_teacher / max(r.t_total, 1e-9)
     print(f'done: {r.out / "model.pth"} | skipped scans: {skipped} | {rate:.2f} scans/s on {world} x '
@@ -836,4 +1279,4 @@ def report(r, world):
 
 
 if __name__ == '__main__':
-    main()
+    data.run_main(main)
