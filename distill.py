@@ -568,7 +568,7 @@ def resize_images(img, image_size, antialias=False):
     return F.interpolate(img, size=tuple(image_size), mode='bilinear', align_corners=False, antialias=antialias)
 
 
-def distill_sample(ds, i, cfg, image_size, rng, cameras='one', antialias=False):
+def distill_sample(ds, i, cfg, image_size, rng, cameras='one', antialias=False, preprocess_on='cpu'):
     """One scan -> (sample dict, None) or (None, reason to skip). Official order, official.md Sec. 2.6.
 
     cameras='one' (official): one camera uniformly at random; sample['image'] (3, h, w), sample['pairs'] (M, 2)
@@ -605,8 +605,9 @@ def distill_sample(ds, i, cfg, image_size, rng, cameras='one', antialias=False):
     img = torch.stack([torch.tensor(im).permute(2, 0, 1).float() / 255.0 for im in images])  # (V, 3, H, W)
     img = resize_images(img, image_size, antialias)  # (V, 3, h, w), as the official torchvision resize
     sample = dict(feat=data.input_features(xyz, intensity).T.copy(),  # (5, M) [int, x, y, z, radius]
-                  xyz=xyz, cells=data.cell_indices(xyz, cfg), neighbors=data.knn_indices(xyz, cfg.k),
-                  scan_id=sub.scan_id(j), kept=sel)
+                  xyz=xyz, scan_id=sub.scan_id(j), kept=sel)
+    if preprocess_on == 'cpu':  # else: cells and kNN-16 of the whole batch on the training device (train_step)
+        sample.update(cells=data.cell_indices(xyz, cfg), neighbors=data.knn_indices(xyz, cfg.k))  # (3, M), (k, M)
     if cameras == 'one':
         sample.update(pairs=np.stack([row[sel], col[sel]], 1), image=img[0], camera=views[0])
     else:
@@ -642,9 +643,10 @@ class DistillDataset(torch.utils.data.Dataset):
     A scan that must be skipped (missing image, no visible point) is replaced by the next scan; the skip is
     recorded in sample['skipped'] and counted by the training loop."""
 
-    def __init__(self, ds, cfg, image_size, seed=0, max_tries=32, cameras='one', antialias=False):
+    def __init__(self, ds, cfg, image_size, seed=0, max_tries=32, cameras='one', antialias=False,
+                 preprocess_on='cpu'):
         self.ds, self.cfg, self.image_size, self.seed, self.max_tries = ds, cfg, tuple(image_size), seed, max_tries
-        self.cameras, self.antialias = cameras, antialias
+        self.cameras, self.antialias, self.preprocess_on = cameras, antialias, preprocess_on
 
     def __len__(self):
         return len(self.ds)
@@ -656,7 +658,7 @@ class DistillDataset(torch.utils.data.Dataset):
         for attempt in range(self.max_tries):
             j = (index + attempt) % len(self.ds)
             sample, reason = distill_sample(self.ds, j, self.cfg, self.image_size, rng, self.cameras,
-                                            self.antialias)
+                                            self.antialias, self.preprocess_on)
             if sample is not None:
                 sample['skipped'] = skipped
                 return sample
@@ -670,7 +672,10 @@ def distill_collate(samples):
     """data.collate + images (V, 3, h, w) and pairs (M, 3) [image index, row', col'] in the student's point order
     (scan-major, i.e. out.transpose(1, 2)[occupied]). One camera per scan (official): V = B and image index = scan
     index; --cameras all: the images of every scan one after the other, pairs re-indexed accordingly."""
-    batch = data.collate([{k: s[k] for k in ('feat', 'cells', 'neighbors')} for s in samples])
+    if 'neighbors' in samples[0]:  # --preprocess-on cpu: cells and kNN computed in the loader
+        batch = data.collate([{k: s[k] for k in ('feat', 'cells', 'neighbors')} for s in samples])
+    else:  # --preprocess-on device: train_step adds them (data.add_cells_neighbors_t)
+        batch = data.collate_light([{k: s[k] for k in ('feat', 'xyz')} for s in samples])
     images, pairs, first = [], [], 0  # first: index of this scan's first image in the batch
     for s in samples:
         imgs = s['images'] if 'images' in s else s['image'][None]  # (V_b, 3, h, w)
@@ -961,6 +966,10 @@ def _add_run_flags(a):
     a('--device', default='auto', help='auto (cuda if available, else cpu), cpu, cuda or cuda:N (single process; '
       'torchrun uses cuda:LOCAL_RANK)')
     a('--compile', action='store_true', help='torch.compile the student (GPU speed-up; not in the official code)')
+    a('--preprocess-on', default='cpu', choices=['cpu', 'device'],
+      help='cpu (official, default): cells and kNN-16 in the DataLoader workers; device: computed in torch on the '
+           'training device for the whole batch (same cells, same neighbour sets up to ties; for a GPU, whose '
+           'loader would otherwise need many workers: on a CPU the brute-force kNN is far slower than cKDTree)')
     a('--no-progress', action='store_true', help='no tqdm bar')
 
 
@@ -1079,8 +1088,11 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def train_step(model, teachers, batch, dims, opt, sched, scaler, args, device, it):
-    """One iteration; returns (loss of the global batch, lr used, teacher seconds, points M of the global batch)."""
+def train_step(model, teachers, batch, dims, opt, sched, scaler, args, device, it, cfg=None):
+    """One iteration; returns (loss of the global batch, lr used, teacher seconds, points M of the global batch).
+    cfg: the grid, needed only with --preprocess-on device (cells and kNN of the batch computed here)."""
+    if 'neighbors' not in batch:
+        batch = data.add_cells_neighbors_t(batch, cfg, device)  # (B, 3, N) cells, (B, k, N) neighbours
     batch = to_device(batch, device)
     t0 = time.perf_counter()
     with wi.autocast_context(device, args.amp):  # the teacher runs under autocast too (ScaLR utils/distiller.py)
@@ -1113,7 +1125,7 @@ LOG_FIELDS = ['iteration', 'epoch', 'loss', 'lr', 'scans_per_s', 'teacher_share'
 
 def make_loader(args, ds, cfg, rank, world, device):
     dataset = DistillDataset(ds, cfg, args.image_size, seed=args.seed, cameras=args.cameras,
-                             antialias=args.antialias == 'on')
+                             antialias=args.antialias == 'on', preprocess_on=args.preprocess_on)
     sampler = EpochSampler(len(ds), args.batch_size, seed=args.seed, rank=rank, world=world)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size // world, sampler=sampler,
                                          collate_fn=distill_collate, num_workers=args.workers, drop_last=True,
@@ -1204,6 +1216,7 @@ def run(r, model, ds, cfg, rank, world):
     if wi.is_main():
         (r.out / 'config.json').write_text(json.dumps(r.config, indent=1))
     r.log = wi.CSVLog(r.out / 'log.csv', LOG_FIELDS, resume_iteration=r.it if args.resume else None)
+    r.cfg = cfg
     r.loader, r.sampler = make_loader(args, ds, cfg, rank, world, r.device)
     try:
         train_loop(r)
@@ -1226,7 +1239,7 @@ def train_loop(r):
         t_prev = time.perf_counter()
         for batch in r.loader:
             loss, lr, t_teacher, points = train_step(r.model, r.teachers, batch, r.dims, r.opt, r.sched, r.scaler,
-                                                     args, r.device, r.it)
+                                                     args, r.device, r.it, cfg=r.cfg)
             r.it, r.batches_done = r.it + 1, r.batches_done + 1
             for _, reason in batch['skipped']:
                 r.skips[reason] = r.skips.get(reason, 0) + 1
