@@ -30,11 +30,10 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import data
+import probe  # shared downstream helpers: setup_device, read_checkpoint, ScorableScans, ...
 import waffleiron as wi
 
 FINETUNE_DATASETS = [n for n in data.DATASET_NAMES if n != "merged"]
-PAPER_ARCH = (768, 48)  # WI-48-768 (official §4.3): width, depth for --scratch without any checkpoint
-TOY_ARCH = (64, 6)  # distill.py's toy preset (width, depth), so --scratch on the toy matches the distilled model
 TOY_ITERS = 48  # toy budget in iterations (chosen on cost, never tuned on val); see toy_epochs()
 
 
@@ -56,6 +55,14 @@ def label_fraction(text):
     return value
 
 
+def drop_rate(text):
+    """argparse type of --drop-path: a probability in [0, 1)."""
+    value = data.nonneg_float(text)
+    if value >= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a drop probability in [0, 1) (Supp. B.4: 0.2)")
+    return value
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
@@ -66,49 +73,57 @@ def parse_args(argv=None):
                                    "with --eval-only: the finetuned checkpoint to evaluate (ours or released)")
     a("--scratch", action="store_true", help="no-pretraining baseline: same recipe, random init (architecture of "
                                              "--ckpt if one is found, else --width/--depth)")
-    a("--width", type=int, default=None, help="backbone width F for --scratch without checkpoint (official §4.3: "
-                                              "768; toy: 64 as distill.py's toy preset)")
-    a("--depth", type=int, default=None, help="backbone depth L, same rules as --width (official §4.3: 48; toy: 6)")
-    a("--fraction", type=label_fraction, default=1.0,
-      help="fraction of the labelled train scans used (Supp. B.4: 0.01, 0.1, 1.0; any value in (0, 1])")
+    a("--width", type=data.positive_int, default=None,
+      help="backbone width F for --scratch without checkpoint (official §4.3: 768; toy: 64 as distill.py's toy "
+           "preset)")
+    a("--depth", type=data.positive_int, default=None,
+      help="backbone depth L, same rules as --width (official §4.3: 48; toy: 6)")
+    a("--fraction", type=label_fraction, default=None,
+      help="fraction of the labelled train scans used (Supp. B.4: 0.01, 0.1, 1.0; any value in (0, 1]); default "
+           "1.0, or with --subset-file the fraction that list holds")
     a("--subset-file", default=None, help="official 1 %%/10 %% list, e.g. nuscenes-ratio_100-v_0.npy (official "
-                                          "§1.2); default: data.label_subset's documented rule")
+                                          "§1.2): train on exactly these scans (the real fraction is printed and "
+                                          "recorded); default: data.label_subset's documented rule")
     a("--out", default=None, help="output folder (default runs/finetune[_<data>][_<pct>pct][_scratch])")
-    a("--batch-size", type=int, default=8, help="global batch size (Supp. B.4: 8)")
-    a("--lr", type=float, default=0.002, help="peak learning rate of the head (Supp. B.4: 0.002)")
-    a("--min-lr", type=float, default=0.0, help="final learning rate of the cosine (Supp. B.4: 0)")
-    a("--weight-decay", type=float, default=0.0, help="AdamW weight decay (Supp. B.4: none)")
-    a("--drop-path", type=float, default=0.2,
+    a("--batch-size", type=data.positive_int, default=8, help="global batch size (Supp. B.4: 8)")
+    a("--lr", type=data.positive_float, default=0.002, help="peak learning rate of the head (Supp. B.4: 0.002)")
+    a("--min-lr", type=data.nonneg_float, default=0.0, help="final learning rate of the cosine (Supp. B.4: 0)")
+    a("--weight-decay", type=data.nonneg_float, default=0.0, help="AdamW weight decay (Supp. B.4: none)")
+    a("--drop-path", type=drop_rate, default=0.2,
       help="stochastic depth, same rate in every block (Supp. B.4: 0.2; official §4.2: no linear ramp)")
-    a("--layer-decay", type=float, default=None,
+    a("--layer-decay", type=data.positive_float, default=None,
       help="layer-wise LR decay (Supp. B.4: 0.95 for 1 %% / 10 %%, 0.99 for 100 %%)")
-    a("--epochs", type=int, default=None,
+    a("--epochs", type=data.positive_int, default=None,
       help="training epochs (Supp. B.4: 45 for 1 %% / 10 %%, 25 for 100 %%; toy: see toy_epochs())")
     a("--official-kitti-epochs", action="store_true",
       help="SemanticKITTI 100 %%: the official config's 10 epochs / 1 warmup epoch instead of Supp. B.4's 25 "
            "(official §6.4, pitfall 16)")
-    a("--warmup-epochs", type=float, default=None,
+    a("--warmup-epochs", type=data.nonneg_float, default=None,
       help="linear warmup from LR 0 (Supp. B.4: the first tenth of the epochs; official configs 4 / 2 / 1)")
-    a("--max-iters", type=int, default=None,
+    a("--max-iters", type=data.positive_int, default=None,
       help="stop after this many iterations in total (smoke tests; the LR schedule still spans --epochs)")
-    a("--max-points", type=int, default=None,
+    a("--max-points", type=data.positive_int, default=None,
       help="LimitNumPoints of the training scans (official §3.3: 20000 around a random centre); lower it to save "
            "memory or time")
-    a("--val-scans", type=int, default=None,
+    a("--val-scans", type=data.positive_int, default=None,
       help="evaluate on the first N val scans only (smoke tests; default and paper: the whole val split)")
-    a("--knn", type=int, default=None,
+    a("--knn", type=data.positive_int, default=None,
       help="neighbours k of the point embedding (official §3.6: 16; default: the k stored in --ckpt by distill.py, "
            "else 16; exercise c)")
-    a("--cell", type=float, default=None,
+    a("--cell", type=data.positive_float, default=None,
       help="grid cell size in metres over the same FOV (official §3.4: 0.5 m, toy 1 m; default: the cell stored in "
            "--ckpt by distill.py, else the official one; exercise d)")
     a("--amp", default="none", choices=["none", "fp16", "bf16"],
       help="autocast (official README runs --fp16 = fp16 + GradScaler; none = fp32)")
-    a("--workers", type=int, default=None, help="DataLoader workers (default 0 on the toy, else 4)")
+    a("--workers", type=data.nonneg_int, default=None, help="DataLoader workers (default 0 on the toy, else 4)")
+    a("--device", default=None, help="torch device: cpu, cuda or cuda:N (default: cuda if available, else cpu; "
+                                     "under torchrun each process takes its local GPU)")
     a("--seed", type=int, default=0, help="seed for init, shuffling and augmentations (official: none)")
-    a("--eval-every", type=int, default=0,
+    a("--eval-every", type=data.nonneg_int, default=0,
       help="validate every N epochs as well (official validates every epoch; 0 = only at the end)")
-    a("--resume", action="store_true", help="continue bit-exactly from --out/ckpt_last.pth")
+    a("--resume", action="store_true", help="continue bit-exactly from --out/ckpt_last.pth (same flags)")
+    a("--overwrite", action="store_true", help="start over in an --out that already holds a run (its results, log "
+                                               "and checkpoints are deleted first)")
     a("--eval-only", action="store_true", help="only evaluate --ckpt (a finetuned checkpoint) on the val split")
     return p.parse_args(argv)
 
@@ -143,7 +158,10 @@ def is_toy(args):
 
 def default_out(args):
     name = "runs/finetune" + ("" if args.data == "toy" else f"_{args.data}")
-    name += "" if args.fraction >= 1.0 else f"_{args.fraction * 100:g}pct"
+    if args.subset_file is not None:
+        name += f"_{Path(args.subset_file).stem}"
+    elif args.fraction is not None and args.fraction < 1.0:
+        name += f"_{args.fraction * 100:g}pct"
     return name + ("_scratch" if args.scratch else "")
 
 
@@ -155,17 +173,48 @@ def open_split(args, split):
     return data.open_labelled_split(args.data, split, root=args.root, version=args.version, purpose="finetuning")
 
 
+def check_subset_file(path):
+    """--subset-file must exist: checked at start, before any dataset is read."""
+    if path is not None and not Path(path).is_file():
+        raise data.UserError(f"subset file {path} not found", "--subset-file",
+                             "pass the path of a scan list (e.g. the official nuscenes-ratio_100-v_0.npy) or drop "
+                             "the flag")
+
+
+def subset_from_file(train_ds, subset_file, out_dir=None):
+    """Sorted indices of the train scans named in `subset_file` (data.py matches entries to scan ids / lidar file
+    names / tokens); the list is written to out_dir/subset_<dataset>_list.txt."""
+    keep = sorted(data._indices_from_subset_file(train_ds, subset_file))
+    if not keep:
+        raise data.UserError(f"no entry of {subset_file} names a scan of the {train_ds.name} train split",
+                             "--subset-file", "check that the list belongs to this dataset, split and --version")
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / f"subset_{train_ds.name}_list.txt").write_text(
+            "".join(train_ds.scan_id(i) + "\n" for i in keep))
+    return keep
+
+
 def training_subset(train_ds, fraction, subset_file=None, out_dir=None):
-    """Indices of the labelled scans (data.label_subset: official lists / KITTI every 100th file / documented rule).
-    Refuses a fraction whose subset would hold less than one scan, saying how many scans it would take."""
+    """Indices of the labelled scans. With `subset_file`: exactly the scans of that list (the official 1 % / 10 %
+    lists, official §1.2), whatever `fraction` says (a --fraction the list does not match is warned about).
+    Otherwise data.label_subset (KITTI every 100th file / documented rule); refuses a fraction whose subset would
+    hold less than one scan, saying how many scans it would take. fraction None = 1.0."""
     n = len(train_ds)
-    if subset_file is None and fraction < 1.0 and n * fraction < 1.0:
+    if subset_file is not None:
+        keep = subset_from_file(train_ds, subset_file, out_dir if wi.is_main() else None)
+        if fraction is not None and abs(len(keep) - fraction * n) > max(1.0, 0.1 * fraction * n):
+            data.warn(f"--subset-file {subset_file} holds {len(keep)} of {n} train scans ({len(keep) / n:.2%}), "
+                      f"not the {pct(fraction)} of --fraction: training on the list, recording its real fraction")
+        return keep
+    fraction = 1.0 if fraction is None else fraction
+    if fraction < 1.0 and n * fraction < 1.0:
         raise SystemExit(f"--fraction {fraction:g} of the {n} train scans of {train_ds.name} is {n * fraction:.2f} "
                          f"scans: the subset would be empty. A {pct(fraction)} subset needs at least "
                          f"{math.ceil(1 / fraction)} train scans; with {n} scans use --fraction >= {1 / n:.3g}.")
     try:
-        return data.label_subset(train_ds, fraction, subset_file=subset_file, out_dir=out_dir if wi.is_main() else None)
-    except ValueError as err:  # e.g. no entry of --subset-file matches a scan of this split
+        return data.label_subset(train_ds, fraction, out_dir=out_dir if wi.is_main() else None)
+    except ValueError as err:
         raise SystemExit(f"label subset: {err}") from None
 
 
@@ -240,17 +289,17 @@ def build_model(args, cfg, num_classes):
     ckpt = wi.resolve_backbone_checkpoint(args.ckpt, "--scratch", args.scratch)
     if ckpt is not None and not args.scratch:
         # official §7: strip 'module.', build the pretrain-shaped model, load_state_dict(strict=True)
-        model = wi.load_checkpoint(ckpt, grids=cfg.grids)
+        model = probe.read_checkpoint(ckpt, "--ckpt", grids=cfg.grids)
         wi.check_backbone_shape(model, ckpt, args.width, args.depth)
         model = attach_segmentation_head(model, num_classes, ckpt)
         arch_from = ckpt
     else:
         if ckpt is not None:  # --scratch: the architecture of the checkpoint, none of its weights
-            shape = wi.load_checkpoint(ckpt, grids=cfg.grids)
+            shape = probe.read_checkpoint(ckpt, "--ckpt", grids=cfg.grids)
             width, depth = wi.backbone_width(shape), wi.backbone_depth(shape)
             arch_from = f"the architecture of {ckpt}"
         else:
-            width, depth = TOY_ARCH if is_toy(args) else PAPER_ARCH
+            width, depth = probe.default_architecture(args.data)  # toy: distill.py's toy preset; else WI-48-768
             width, depth = args.width or width, args.depth or depth
             arch_from = f"--width {width} --depth {depth}"
         torch.manual_seed(args.seed)
@@ -265,11 +314,25 @@ def build_model(args, cfg, num_classes):
 # Evaluation and results (official §5.3, §8): a thin layer over waffleiron.evaluate, shared with eval_robust.py.
 # ----------------------------------------------------------------------------------------------------------------
 def evaluate_split(model, ds, cfg, args, device):
-    """(K, K) confusion matrix over every original point of `ds` (val preprocessing: deterministic voxel point, no
-    point limit, 1-NN upsampling; official §8), summed over DDP ranks by waffleiron.evaluate."""
+    """((K, K) confusion matrix over every original point of the scorable scans of `ds`, number of scans skipped
+    because they cannot be scored, both summed over DDP ranks; number of scans evaluated). Val preprocessing:
+    deterministic voxel point, no point limit, 1-NN upsampling (official §8)."""
     subset = list(range(min(len(ds), args.val_scans))) if args.val_scans else None
-    loader = segmentation_loader(ds, cfg, args, train=False, subset=subset)
-    return wi.evaluate(model, loader, len(ds.class_names), device, amp=args.amp)
+    seg = probe.ScorableScans(data.SegmentationDataset(ds, cfg, train=False, subset=subset))
+    batches = probe.ScoredBatches(wi.make_loader(seg, args.batch_size, train=False,
+                                                 collate_fn=probe.collate_scorable, seed=args.seed,
+                                                 workers=args.workers))
+    cm = wi.evaluate(model, batches, len(ds.class_names), device, amp=args.amp)
+    return cm, int(wi.all_reduce_sum(torch.tensor(len(batches.skipped))).item()), len(seg)
+
+
+def report_skipped(skipped, scanned, extra):
+    """Unscorable val scans: counted in results.json and printed next to the mIoU (the mIoU covers the others)."""
+    extra.update(val_scans_skipped=skipped, val_scans_scored=scanned - skipped)
+    if skipped:
+        data.warn(f"{skipped} of {scanned} val scans could not be scored and were skipped: the mIoU below is over "
+                  f"the other {scanned - skipped}")
+    return extra
 
 
 def eval_only(args, device):
@@ -280,7 +343,7 @@ def eval_only(args, device):
     print(grid_text)
     val_ds = open_split(args, "val")
     names = list(val_ds.class_names)
-    model = wi.load_checkpoint(args.ckpt, grids=cfg.grids)
+    model = probe.read_checkpoint(args.ckpt, "--ckpt", grids=cfg.grids)
     have = segmentation_classes(model.classif)
     if have is None:
         raise SystemExit(f"{args.ckpt} has no segmentation head (a pretraining checkpoint?): finetune it first "
@@ -289,40 +352,46 @@ def eval_only(args, device):
         raise SystemExit(f"{args.ckpt} predicts {have} classes but {args.data} has {len(names)} "
                          f"({data.label_space(args.data)}): evaluate it on the dataset it was finetuned on.")
     t0 = time.time()
-    cm = evaluate_split(model.to(device), val_ds, cfg, args, device)
+    cm, skipped, scanned = evaluate_split(model.to(device), val_ds, cfg, args, device)
     if wi.is_main():
-        print(f"evaluated {len(val_ds)} val scans in {time.time() - t0:.0f}s")
+        print(f"evaluated {scanned} val scans in {time.time() - t0:.0f}s")
         config = wi.checkpoint_config(args.ckpt)
-        wi.segmentation_report(cm, names, args.out, title=f"{args.data}: finetuned checkpoint",
-                               extra={"ckpt": str(args.ckpt), "data": args.data, "fraction": config.get("fraction"),
-                                      "eval_only": True})
+        extra = report_skipped(skipped, scanned, {"ckpt": str(args.ckpt), "data": args.data,
+                                                  "fraction": config.get("fraction"), "eval_only": True})
+        wi.segmentation_report(cm, names, args.out, title=f"{args.data}: finetuned checkpoint", extra=extra)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Training loop (Supp. B.4) with atomic checkpoints and bit-exact --resume.
 # ----------------------------------------------------------------------------------------------------------------
-RESUME_KEYS = ("data", "fraction", "ckpt", "scratch", "width", "depth", "epochs", "batch_size", "lr", "layer_decay",
-               "drop_path", "seed", "num_train_scans", "max_points")
+# settings a --resume must share with the run it continues (wi.check_resume_config lists every one that differs)
+RESUME_KEYS = ("data", "fraction", "subset_file", "ckpt", "scratch", "width", "depth", "k", "cell", "epochs",
+               "warmup_epochs", "batch_size", "lr", "min_lr", "weight_decay", "layer_decay", "drop_path", "seed",
+               "num_train_scans", "max_points", "amp")
 
 
 def finetune_config(args, model, ckpt, class_names, num_train_scans, cfg):
-    return {"stage": "finetune", "data": args.data, "fraction": args.fraction, "ckpt": ckpt, "scratch": args.scratch,
-            "k": cfg.k, "cell": data.cell_size(cfg), "grids": [list(g) for g in cfg.grids],
+    """config.json / the 'config' of every checkpoint. 'fraction' is the fraction of the train split REALLY
+    trained on (len(subset) / train scans), 'fraction_requested' the flag; 'stage' lets other stages refuse it."""
+    return {"stage": "finetune", "data": args.data, "fraction": args.fraction_used,
+            "fraction_requested": args.fraction, "subset_file": args.subset_file, "ckpt": ckpt,
+            "scratch": args.scratch, "k": cfg.k, "cell": data.cell_size(cfg), "grids": [list(g) for g in cfg.grids],
             "width": wi.backbone_width(model), "depth": wi.backbone_depth(model), "num_classes": len(class_names),
             "class_names": list(class_names), "num_train_scans": num_train_scans, "epochs": args.epochs,
-            "warmup_epochs": args.warmup_epochs, "batch_size": args.batch_size, "lr": args.lr,
-            "layer_decay": args.layer_decay, "drop_path": args.drop_path, "seed": args.seed,
-            "max_points": args.max_points,
+            "warmup_epochs": args.warmup_epochs, "batch_size": args.batch_size, "lr": args.lr, "min_lr": args.min_lr,
+            "weight_decay": args.weight_decay, "layer_decay": args.layer_decay, "drop_path": args.drop_path,
+            "seed": args.seed, "max_points": args.max_points, "amp": args.amp,
             "model": dict(model.config),  # WaffleIron constructor arguments (read back by load_checkpoint)
             "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
 
 
-def check_resume_compatible(path, st, config):
-    old = st.get("config", {}) or {}
-    for key in RESUME_KEYS:
-        if old.get(key) != config[key]:
-            raise SystemExit(f"--resume: {path} was finetuning with {key}={old.get(key)!r}, this run has "
-                             f"{config[key]!r}. Resume with the same flags, or use another --out.")
+def resume_state(path, config):
+    """--resume: ckpt_last.pth of a finetuning run (not another stage's) with the same settings; returns it."""
+    st = probe.read_training_checkpoint(path)
+    saved = dict(st.get("config") or {}) if isinstance(st.get("config"), dict) else {}
+    saved.setdefault("stage", "an unknown stage")
+    wi.check_resume_config(path, saved, config, keys=RESUME_KEYS, stage="finetune")
+    return st
 
 
 def train_step(net, batch, opt, sched, scaler, device, amp, it):
@@ -334,7 +403,7 @@ def train_step(net, batch, opt, sched, scaler, device, amp, it):
     logits = wi.unpad_points(out, batch["num_points"])  # (ΣM, K), the order of `labels`
     # official §5.2: CE (ignore 255) + 1.0 * Lovász-softmax
     loss, parts = wi.seg_loss(logits, labels, return_parts=True)
-    wi.check_finite(loss, it)
+    wi.check_finite(loss, it + 1)  # 1-based, as log.csv
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(opt)
@@ -353,20 +422,19 @@ def make_optimizer(model, args, iters_per_epoch):
     return opt, sched
 
 
-def train(args, model, train_loader, val_ds, cfg, config, device, out):
-    """Finetunes the whole network; returns the number of iterations done."""
+def train(args, model, train_loader, val_ds, cfg, config, device, out, st=None):
+    """Finetunes the whole network, continuing from the training state `st` of --resume if given; returns the
+    number of iterations done."""
     net = wi.wrap_ddp(model, device)
     ipe = len(train_loader)
     opt, sched = make_optimizer(model, args, ipe)
     scaler = wi.make_grad_scaler(args.amp, device)
     total, it = args.epochs * ipe, 0
-    if args.resume:
-        st = wi.load_training_checkpoint(out / "ckpt_last.pth")
-        check_resume_compatible(out / "ckpt_last.pth", st, config)
+    if st is not None:
         _, it = wi.restore_training_state(st, model, opt, sched, scaler, model_key="net")
         wi.print0(f"resumed from {out / 'ckpt_last.pth'} at iteration {it} (epoch {it // ipe}, batch {it % ipe})")
     log = wi.CSVLog(out / "log.csv", ["epoch", "iteration", "lr", "loss", "ce", "lovasz", "val_miou"],
-                    resume_iteration=it if args.resume else None)
+                    resume_iteration=it if st is not None else None)
     stop = min(total, args.max_iters) if args.max_iters else total
     bar = tqdm(total=stop, initial=it, desc="finetune", disable=not wi.is_main())
     while it < stop:
@@ -387,7 +455,7 @@ def train(args, model, train_loader, val_ds, cfg, config, device, out):
         if wi.is_main():  # after every epoch and when stopping early (--max-iters): atomic
             wi.save_checkpoint(out / "ckpt_last.pth", **state)
         if args.eval_every and it % ipe == 0 and (it // ipe) % args.eval_every == 0 and it < total:
-            miou = wi.summarise_confusion(evaluate_split(model, val_ds, cfg, args, device),
+            miou = wi.summarise_confusion(evaluate_split(model, val_ds, cfg, args, device)[0],
                                           config["class_names"])["miou"]
             log.log(epoch=epoch, iteration=it, val_miou=miou)
             wi.print0(f"epoch {epoch + 1}: val mIoU {miou:.1f}")
@@ -397,7 +465,7 @@ def train(args, model, train_loader, val_ds, cfg, config, device, out):
 
 def resolve_budget(args, num_train_scans, world):
     """Supp. B.4 recipe (or the toy budget), printed in one line."""
-    epochs, warmup, decay = paper_recipe(args.data, args.fraction, args.official_kitti_epochs)
+    epochs, warmup, decay = paper_recipe(args.data, args.fraction_used, args.official_kitti_epochs)
     args.layer_decay = decay if args.layer_decay is None else args.layer_decay
     args.batch_size = fit_batch_size(args.batch_size, num_train_scans, world)
     ipe = num_train_scans // args.batch_size  # drop_last=True
@@ -416,17 +484,44 @@ def resolve_budget(args, num_train_scans, world):
               + (f"; stopping after {args.max_iters} iterations (--max-iters)" if args.max_iters else ""))
 
 
+def finish(args, model, ckpt, class_names, val_ds, cfg, config, device, out, iters, t0):
+    """model.pth FIRST (a finished training is never lost to a late failure), then the val evaluation (scans
+    that cannot be scored are skipped, counted and reported next to the mIoU), the plots and results.json."""
+    if wi.is_main():
+        wi.save_checkpoint(out / "model.pth", net=wi.official_state_dict(model), config=config)
+    t1 = time.time()
+    cm, skipped, scanned = evaluate_split(model, val_ds, cfg, args, device)
+    t2 = time.time()
+    if not wi.is_main():
+        return
+    wi.plot_log(out / "log.csv", out / "loss.png", ["loss", "ce", "lovasz", "lr"],
+                title=f"finetuning, {args.data}, {pct(args.fraction_used)} labels")
+    total = max(t2 - t0, 1e-9)
+    print(f"finetuning took {total:.0f}s: training {t1 - t0:.0f}s ({100 * (t1 - t0) / total:.0f}%, {iters} "
+          f"iterations, {1000 * (t1 - t0) / max(iters, 1):.0f} ms/it) + evaluation {t2 - t1:.0f}s "
+          f"({100 * (t2 - t1) / total:.0f}%); outputs in {out}")
+    title = f"{args.data}: finetuning on {pct(args.fraction_used)} labels ({'scratch' if args.scratch else ckpt})"
+    extra = report_skipped(skipped, scanned, {
+        "ckpt": None if ckpt is None else str(ckpt), "data": args.data, "fraction": args.fraction_used,
+        "fraction_requested": args.fraction, "subset_file": args.subset_file, "scratch": args.scratch,
+        "num_train_scans": config["num_train_scans"], "iterations": iters})
+    wi.segmentation_report(cm, class_names, out, title=title, extra=extra)
+
+
 def main(argv=None):
     args = parse_args(argv)
+    check_subset_file(args.subset_file)
     if args.workers is None:
         args.workers = 0 if is_toy(args) else 4
     if args.out is None:
         args.out = default_out(args) if not args.eval_only else str(Path(args.ckpt or ".").parent / "eval")
-    rank, world, device = wi.ddp_setup()
+    rank, world, device = probe.setup_device(args.device)
+    out = Path(args.out)
+    # before any data is read: an existing run is never overwritten by accident, --out must be writable
+    wi.prepare_run_dir(out, args.resume and not args.eval_only, args.overwrite)
     if args.eval_only:
         eval_only(args, device)
         return wi.ddp_cleanup()
-    out = Path(args.out)
     # the grid (cell size, kNN k) the backbone was distilled with, unless --cell / --knn say otherwise
     cfg, grid_text = wi.stage_grid(args.data, "finetune", args.cell, args.knn,
                                    wi.resolve_backbone_checkpoint(args.ckpt, "--scratch", args.scratch))
@@ -436,8 +531,11 @@ def main(argv=None):
     train_ds, val_ds = open_split(args, "train"), open_split(args, "val")
     class_names = list(val_ds.class_names)
     subset = training_subset(train_ds, args.fraction, args.subset_file, out)
-    wi.print0(f"label subset: {len(subset)} of {len(train_ds)} {args.data} train scans ({pct(args.fraction)} "
-              f"requested); {len(val_ds)} val scans; {len(class_names)} classes")
+    args.fraction_used = len(subset) / len(train_ds)  # what is really trained on, recorded everywhere
+    wi.print0(f"label subset: {len(subset)} of {len(train_ds)} {args.data} train scans = {pct(args.fraction_used)}"
+              + (f" (from {args.subset_file})" if args.subset_file else "")
+              + (f", --fraction {args.fraction:g} requested" if args.fraction is not None else "")
+              + f"; {len(val_ds)} val scans; {len(class_names)} classes")
     resolve_budget(args, len(subset), world)
     model, ckpt, arch_from = build_model(args, cfg, len(class_names))
     model = model.to(device)
@@ -445,25 +543,18 @@ def main(argv=None):
     wi.print0(f"WI-{wi.backbone_depth(model)}-{wi.backbone_width(model)} "
               f"({'random init, ' + arch_from if args.scratch else 'weights of ' + str(ckpt)})")
     config = finetune_config(args, model, ckpt, class_names, len(subset), cfg)
+    st = resume_state(out / "ckpt_last.pth", config) if args.resume else None  # before any training
     if wi.is_main():
-        out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(config, indent=1, default=str))
     t0 = time.time()
     train_loader = segmentation_loader(train_ds, cfg, args, train=True, subset=subset)
-    iters = train(args, model, train_loader, val_ds, cfg, config, device, out)
-    cm = evaluate_split(model, val_ds, cfg, args, device)
-    if wi.is_main():
-        wi.save_checkpoint(out / "model.pth", net=wi.official_state_dict(model), config=config)
-        wi.plot_log(out / "log.csv", out / "loss.png", ["loss", "ce", "lovasz", "lr"],
-                    title=f"finetuning, {args.data}, {pct(args.fraction)} labels")
-        print(f"finetuning took {time.time() - t0:.0f}s ({iters} iterations); outputs in {out}")
-        title = f"{args.data}: finetuning on {pct(args.fraction)} labels ({'scratch' if args.scratch else ckpt})"
-        wi.segmentation_report(cm, class_names, out, title=title,
-                               extra={"ckpt": None if ckpt is None else str(ckpt), "data": args.data,
-                                      "fraction": args.fraction, "scratch": args.scratch,
-                                      "num_train_scans": len(subset), "iterations": iters})
+    try:
+        iters = train(args, model, train_loader, val_ds, cfg, config, device, out, st)
+    except FloatingPointError as err:  # as distill.py: one line, the last good ckpt_last.pth kept
+        raise SystemExit(probe.diverged_message(err, out)) from None
+    finish(args, model, ckpt, class_names, val_ds, cfg, config, device, out, iters, t0)
     wi.ddp_cleanup()
 
 
 if __name__ == "__main__":
-    main()
+    data.run_main(main)

@@ -2021,7 +2021,7 @@ def test_supp_b3_resume_equals_straight_run(_probe_smoke_run):
     log = (resumed / "log.csv").read_text().strip().splitlines()
     assert [r.split(",")[1] for r in log[1:]] == ["1", "2", "3"]  # iterations, no duplicate after resume
     # resuming another backbone into this run is refused with a clear message
-    with pytest.raises(SystemExit, match="was probing ckpt="):
+    with pytest.raises(data.UserError, match="settings differ.*random_init"):
         probe.main(_probe_args(run["root"], run["ckpt"], resumed, "--resume", "--random-init"))
 
 
@@ -4739,3 +4739,416 @@ def test_distill_preprocess_on_device_equals_cpu_path(_distill_toy, tmp_path):
     assert len(runs['cpu'][0]) == 3 and runs['cpu'][0] == pytest.approx(runs['device'][0], abs=1e-6)
     # Adam rescales tiny gradients (e.g. of a bias near 0), so float summation order shows at 1e-6
     assert all(torch.allclose(v, runs['device'][1][k], atol=1e-5) for k, v in runs['cpu'][1].items())
+
+# ==============================================================================================================
+# probe.py / finetune.py: the toy probe in full-batch steps, the toy architecture by default, bad inputs, unscorable scans, the real label fraction
+# ==============================================================================================================
+
+K = 16  # toy (nuScenes) classes
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shared tiny world and helpers
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny toy world (3 train + 1 val nuScenes scans) and a distill.py-style WI-2-16 checkpoint."""
+    torch.set_num_threads(1)
+    tmp = tmp_path_factory.mktemp("h_stages")
+    root = tmp / "toy"
+    data.make_toy(root, scans=4, seed=0, progress=False)
+    torch.manual_seed(0)
+    model = wi.WaffleIron(input_channels=5, feat_channels=16, depth=2, nb_class=8, grids=data.GridConfig().grids)
+    ckpt = tmp / "distill" / "model.pth"
+    ckpt.parent.mkdir()
+    wi.save_checkpoint(ckpt, model_point=model.state_dict(), config={"stage": "distill", "width": 16, "depth": 2})
+    return dict(root=root, ckpt=ckpt, tmp=tmp)
+
+
+@contextlib.contextmanager
+def _in_empty_dir(tmp_path):
+    """Run from a folder without runs/distill*/model.pth (no other session's checkpoint is picked by default)."""
+    empty = tmp_path / "cwd"
+    empty.mkdir(exist_ok=True)
+    with contextlib.chdir(empty):
+        yield
+
+
+def _probe_argv(tiny, out, *extra):
+    return ["--root", str(tiny["root"]), "--ckpt", str(tiny["ckpt"]), "--out", str(out), "--epochs", "2", *extra]
+
+
+def _ft_argv(tiny, out, *extra):
+    return ["--root", str(tiny["root"]), "--scratch", "--width", "8", "--depth", "2", "--batch-size", "1",
+            "--max-points", "1500", "--out", str(out), *extra]
+
+
+def _ft_main(tmp_path, argv):
+    with _in_empty_dir(tmp_path):
+        finetune.main(argv)
+
+
+class _FakeSource:
+    """A feature source of fixed (F, M) feature tensors, one full batch per epoch (like CachedFeatures with
+    full_batch); `poison_epoch` replaces the features by NaN from that epoch on."""
+
+    def __init__(self, feats, labels, poison_epoch=None):
+        self.feats, self.labels, self.poison = feats, labels, poison_epoch
+        self.iters_per_epoch = 1
+
+    def epoch(self, epoch):
+        feats = self.feats
+        if self.poison is not None and epoch >= self.poison:
+            feats = [torch.full_like(f, float("nan")) for f in feats]
+        yield feats, torch.cat(self.labels)
+
+
+class _Net(torch.nn.Module):
+    """Just the probe head under the name train_probe expects (model.classif)."""
+
+    def __init__(self, width, classes):
+        super().__init__()
+        self.classif = wi.seg_head(width, classes)
+
+
+def _separable_scans(n_scans=3, points=600, width=8, classes=4, seed=0):
+    """Features whose class is the index of their largest coordinate among the first `classes`: a linear head can
+    reach ~100 % accuracy."""
+    g = torch.Generator().manual_seed(seed)
+    feats = [torch.randn(width, points, generator=g) for _ in range(n_scans)]
+    labels = [f[:classes].argmax(0) for f in feats]
+    return feats, labels
+
+
+def _one_error_line(res):
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error:"), res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    return lines[0]
+
+
+def _run_script(args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("SCALR_DEBUG", None)
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Flags and defaults
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("flag,value", [("--batch-size", "0"), ("--epochs", "0"), ("--max-iters", "-1"),
+                                        ("--max-iters", "0"), ("--workers", "-1"), ("--lr", "0"),
+                                        ("--head-points", "0"), ("--knn", "0"), ("--width", "-8")])
+def test_probe_numeric_flags_refused_by_argparse(flag, value):
+    with pytest.raises(SystemExit) as err:
+        probe.parse_args([flag, value])
+    assert err.value.code == 2
+
+
+@pytest.mark.parametrize("flag,value", [("--batch-size", "0"), ("--epochs", "-3"), ("--max-iters", "-1"),
+                                        ("--workers", "-1"), ("--drop-path", "1.0"), ("--val-scans", "0"),
+                                        ("--eval-every", "-1"), ("--lr", "nan"), ("--max-points", "0")])
+def test_finetune_numeric_flags_refused_by_argparse(flag, value):
+    with pytest.raises(SystemExit) as err:
+        finetune.parse_args([flag, value])
+    assert err.value.code == 2
+
+
+def test_numeric_flags_keep_their_values():
+    a = probe.parse_args(["--batch-size", "4", "--workers", "0", "--max-iters", "3", "--eval-every", "0"])
+    assert (a.batch_size, a.workers, a.max_iters, a.eval_every) == (4, 0, 3, 0)
+    b = finetune.parse_args(["--drop-path", "0", "--max-iters", "2", "--fraction", "0.1", "--workers", "0"])
+    assert (b.drop_path, b.max_iters, b.fraction, b.workers) == (0.0, 2, 0.1, 0)
+
+
+def test_probe_toy_recipe_is_full_batch_and_real_data_keeps_supp_b3():
+    toy = probe.resolve_defaults(probe.parse_args([]))
+    assert toy.full_batch and toy.cache_features == "memory" and not toy.aug
+    assert (toy.epochs, toy.lr, toy.head_points) == (probe.TOY_STEPS, probe.TOY_LR, probe.TOY_POINTS)
+    assert probe.TOY_STEPS <= 200  # "a handful of large steps" instead of 1,800 steps of batch 8
+    # Supp. B.3 on real data, untouched: batch 8, lr 0.001 -> 1e-5, wd 3e-3, 2 warmup epochs, 20 / 50 epochs
+    for name, epochs in (("nuscenes", 20), ("semantic_kitti", 20), ("pandaset64", 50)):
+        real = probe.resolve_defaults(probe.parse_args(["--data", name]))
+        assert not real.full_batch and real.aug and real.cache_features == "none" and real.head_points is None
+        assert (real.batch_size, real.lr, real.min_lr, real.weight_decay, real.warmup_epochs, real.epochs) == \
+            (8, 1e-3, 1e-5, 3e-3, 2, epochs)
+    # the former toy recipe stays reachable, and --full-batch needs cached features
+    old = probe.resolve_defaults(probe.parse_args(["--no-full-batch"]))
+    assert (old.epochs, old.lr, old.head_points, old.batch_size) == (300, 1e-3, 2048, 8)
+    with pytest.raises(data.UserError, match="--full-batch"):
+        probe.resolve_defaults(probe.parse_args(["--full-batch", "--cache-features", "none"]))
+
+
+def test_toy_default_architecture_is_the_distill_toy_preset(tmp_path):
+    import distill
+    toy = (distill.PRESETS["toy"]["width"], distill.PRESETS["toy"]["depth"])
+    assert probe.default_architecture("toy") == probe.default_architecture("toy_kitti") == toy == (64, 6)
+    assert probe.default_architecture("nuscenes") == (768, 48)  # the paper's WI-48-768 on real data
+    with _in_empty_dir(tmp_path):
+        args = probe.resolve_defaults(probe.parse_args(["--random-init"]))
+        model, ckpt, _ = probe.build_model(args, data.grid_config("toy", "probe"), K)
+        assert ckpt is None and (wi.backbone_width(model), wi.backbone_depth(model)) == toy
+        args = finetune.parse_args(["--scratch", "--fraction", "0.1"])
+        model, _, _ = finetune.build_model(args, data.grid_config("toy", "finetune"), K)
+        assert (wi.backbone_width(model), wi.backbone_depth(model)) == toy
+        # a user's choice wins
+        args = probe.resolve_defaults(probe.parse_args(["--random-init", "--width", "8", "--depth", "1"]))
+        model, _, _ = probe.build_model(args, data.grid_config("toy", "probe"), K)
+        assert (wi.backbone_width(model), wi.backbone_depth(model)) == (8, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The full-batch toy recipe
+# ----------------------------------------------------------------------------------------------------------------
+def test_full_batch_epoch_is_one_batch_of_every_cached_scan(tmp_path):
+    src = probe.CachedFeatures.__new__(probe.CachedFeatures)  # the cache filled by hand instead of by a trunk
+    src.cache = probe.FeatureCache("memory", tmp_path, "float16", keep=("feats", "labels"))
+    src.full_batch, src.batch_size, src.seed = True, 2, 0
+    feats, labels = _separable_scans(n_scans=3, points=50)
+    for i, (f, lab) in enumerate(zip(feats, labels)):
+        src.cache.put(i, {"feats": f, "labels": lab})
+    assert src.iters_per_epoch == 1
+    for epoch in (0, 1):
+        batches = list(src.epoch(epoch))
+        assert len(batches) == 1
+        got_f, got_l = batches[0]
+        assert [tuple(f.shape) for f in got_f] == [(8, 50)] * 3
+        for f, want in zip(got_f, feats):
+            assert torch.equal(f.float(), want.half().float())  # the cached float16 values, in scan order
+        assert torch.equal(got_l, torch.cat(labels))
+    src.full_batch = False  # Supp. B.3 batching: floor(3 / 2) = 1 batch of 2 scans
+    assert src.iters_per_epoch == 1 and len(list(src.epoch(0))[0][0]) == 2
+
+
+def test_subsample_points_keeps_n_distinct_points_aligned_with_labels():
+    sizes = [30, 5, 40]
+    feats = [torch.arange(m, dtype=torch.float32)[None].repeat(2, 1) + 1000 * b for b, m in enumerate(sizes)]
+    labels = torch.cat([(torch.arange(m) % 7) for m in sizes])
+    kept_f, kept_l = probe.subsample_points(feats, labels, 10, np.random.default_rng(0))
+    assert [f.shape[1] for f in kept_f] == [10, 5, 10]  # a scan with fewer points keeps all of them
+    offset = 0
+    for b, f in enumerate(kept_f):
+        idx = (f[0] - 1000 * b).long()
+        assert len(set(idx.tolist())) == f.shape[1] and idx.min() >= 0 and idx.max() < sizes[b]  # no repeat
+        assert torch.equal(kept_l[offset:offset + f.shape[1]], idx % 7)  # each label stays with its point
+        offset += f.shape[1]
+    other, _ = probe.subsample_points(feats, labels, 10, np.random.default_rng(1))
+    assert not torch.equal(other[0], kept_f[0])  # another step draws other points
+
+
+def test_full_batch_toy_recipe_learns_a_separable_problem(tmp_path):
+    torch.manual_seed(0)
+    feats, labels = _separable_scans(classes=4)
+    net = _Net(8, 4)
+    args = probe.resolve_defaults(probe.parse_args(["--out", str(tmp_path)]))  # the toy recipe
+    config = {"num_classes": 4, "class_names": list("abcd")}
+    counts, steps = probe.train_probe(args, net, _FakeSource(feats, labels), None, config, "cpu", tmp_path)
+    assert steps == probe.TOY_STEPS and counts.sum() == probe.TOY_STEPS * 3 * 600
+    net.eval()
+    with torch.no_grad():
+        pred = probe.head_logits(net.classif, feats, "cpu", "none").argmax(1)
+    assert (pred == torch.cat(labels)).float().mean() > 0.95
+    rows = (tmp_path / "log.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + probe.TOY_STEPS and float(rows[-1].split(",")[3]) < float(rows[2].split(",")[3])
+
+
+def test_probe_nan_loss_stops_before_the_update_and_keeps_the_last_checkpoint(tmp_path):
+    feats, labels = _separable_scans(classes=4)
+    net = _Net(8, 4)
+    args = probe.resolve_defaults(probe.parse_args(["--out", str(tmp_path), "--epochs", "5"]))
+    config = {"num_classes": 4, "class_names": list("abcd")}
+    with pytest.raises(FloatingPointError, match="iteration 3"):
+        probe.train_probe(args, net, _FakeSource(feats, labels, poison_epoch=2), None, config, "cpu", tmp_path)
+    st = torch.load(tmp_path / "ckpt_last.pth", weights_only=True)
+    assert st["iteration"] == 2 and st["epoch"] == 2  # the last good epoch, intact
+    assert all(torch.isfinite(v).all() for v in net.classif.parameters())  # the NaN step was not applied
+    assert all(torch.isfinite(v).all() for v in st["net"].values() if v.is_floating_point())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# probe.py end to end on the tiny world: time line, existing runs, --resume, --ckpt files, --holdout
+# ----------------------------------------------------------------------------------------------------------------
+def test_probe_end_line_times_and_existing_run_refused(tiny, tmp_path, capsys):
+    out = tmp_path / "p"
+    probe.main(_probe_argv(tiny, out))
+    printed = capsys.readouterr().out
+    line = next(ln for ln in printed.splitlines() if ln.startswith("time: "))
+    assert "trunk features" in line and "head training" in line and "2 steps" in line and "ms/step" in line
+    res = json.loads((out / "results.json").read_text())
+    t = res["time"]
+    assert t["head_steps"] == 2 and t["ms_per_step"] == pytest.approx(1000 * t["head_training_s"] / 2)
+    assert res["evaluated_on"] == "val" and printed.strip().splitlines()[-1] == f"mIoU: {res['miou']:.1f}"
+    before = (out / "log.csv").read_text()
+    with pytest.raises(data.UserError, match="already holds a run.*--resume.*--overwrite"):
+        probe.main(_probe_argv(tiny, out))
+    assert (out / "log.csv").read_text() == before  # nothing of the previous run was touched
+    probe.main(_probe_argv(tiny, out, "--overwrite", "--epochs", "1"))
+    assert json.loads((out / "results.json").read_text())["time"]["head_steps"] == 1
+
+
+def test_probe_resume_refuses_other_settings_and_other_stages(tiny, tmp_path):
+    out = tmp_path / "p"
+    probe.main(_probe_argv(tiny, out, "--max-iters", "1"))
+    with pytest.raises(data.UserError, match=r"settings differ \(lr: 0\.06 in the checkpoint, 0\.5 now; "
+                                             r"head_points: 512 in the checkpoint, 100 now\)"):
+        probe.main(_probe_argv(tiny, out, "--resume", "--lr", "0.5", "--head-points", "100"))
+    probe.main(_probe_argv(tiny, out, "--resume"))  # the same flags continue the run
+    assert torch.load(out / "ckpt_last.pth", weights_only=True)["iteration"] == 2
+    other = tmp_path / "ft"
+    other.mkdir()
+    wi.save_checkpoint(other / "ckpt_last.pth", net={}, config={"stage": "finetune"})
+    with pytest.raises(data.UserError, match="not a checkpoint of this stage.*finetune"):
+        probe.main(_probe_argv(tiny, other, "--resume"))
+    with pytest.raises(data.UserError, match="nothing to resume"):
+        probe.main(_probe_argv(tiny, tmp_path / "new", "--resume"))
+
+
+def test_unreadable_ckpt_files_end_as_one_user_error(tiny, tmp_path):
+    text = tmp_path / "notes.pth"
+    text.write_text("this is not a checkpoint\n")
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(tiny["ckpt"].read_bytes()[:2000])
+    foreign = tmp_path / "foreign.pth"
+    torch.save({"net": {"conv.weight": torch.zeros(2, 2)}}, foreign)
+    for path in (text, truncated, foreign):
+        # (probe.read_checkpoint's message, or waffleiron.load_checkpoint's own UserError: both name the file)
+        with pytest.raises(data.UserError) as err:
+            probe.read_checkpoint(path, "--ckpt")
+        assert path.name in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(data.UserError, match="truncated.pth"):
+        probe.main(_probe_argv(tiny, tmp_path / "o", "--ckpt", str(truncated)))
+    with pytest.raises(data.UserError, match="notes.pth"):
+        _ft_main(tmp_path, _ft_argv(tiny, tmp_path / "f", "--ckpt", str(text)))
+    bad = tmp_path / "bad_ckpt_last.pth"
+    bad.write_text("x")
+    with pytest.raises(data.UserError, match="bad_ckpt_last.pth"):
+        probe.read_training_checkpoint(bad)
+
+
+def test_probe_holdout_scores_train_scans_left_out_of_training(tiny, tmp_path):
+    args = probe.resolve_defaults(probe.parse_args(["--holdout", "1"]))
+    train_ds = data.get_dataset("toy", root=tiny["root"], split="train")
+    train_idx, ds, idx, name = probe.evaluation_split(args, train_ds, None)
+    assert ds is train_ds and train_idx == [0, 1] and idx == [2] and "holdout" in name
+    with pytest.raises(data.UserError, match="leaves no training scan"):
+        probe.evaluation_split(probe.resolve_defaults(probe.parse_args(["--holdout", "3"])), train_ds, None)
+    out = tmp_path / "h"
+    probe.main(_probe_argv(tiny, out, "--holdout", "1", "--epochs", "1"))
+    res = json.loads((out / "results.json").read_text())
+    assert res["evaluated_on"].startswith("train holdout")
+    assert sum(map(sum, res["confusion_matrix"])) == int((train_ds.labels(2) != data.IGNORE).sum())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# finetune.py: --subset-file, model saved before the evaluation, unscorable val scans, --resume, NaN loss
+# ----------------------------------------------------------------------------------------------------------------
+def test_finetune_subset_file_is_used_and_the_real_fraction_recorded(tiny, tmp_path):
+    train_ds = data.get_dataset("toy", root=tiny["root"], split="train")
+    lst = tmp_path / "list.txt"
+    lst.write_text(train_ds.scan_id(1) + "\n")
+    assert finetune.training_subset(train_ds, None, str(lst)) == [1]  # a list alone: train on the list
+    assert finetune.training_subset(train_ds, 1.0, str(lst)) == [1]  # never ignored at --fraction 1.0
+    out = tmp_path / "ft"
+    _ft_main(tmp_path, _ft_argv(tiny, out, "--subset-file", str(lst), "--max-iters", "1"))
+    res = json.loads((out / "results.json").read_text())
+    assert res["fraction"] == pytest.approx(1 / 3) and res["fraction_requested"] is None
+    assert res["num_train_scans"] == 1 and res["subset_file"] == str(lst)
+    assert json.loads((out / "config.json").read_text())["fraction"] == pytest.approx(1 / 3)
+    assert (out / "subset_nuscenes_list.txt").read_text().split() == [train_ds.scan_id(1)]
+    # a missing list: one error at start, before any dataset is read (the --root does not exist either)
+    with pytest.raises(data.UserError, match="subset file .*nope.txt not found.*--subset-file"):
+        finetune.main(["--root", str(tmp_path / "no_root"), "--subset-file", str(tmp_path / "nope.txt"),
+                       "--out", str(tmp_path / "x")])
+
+
+def test_finetune_saves_model_before_eval_and_skips_unscorable_val_scans(tiny, tmp_path, monkeypatch, capsys):
+    real = data.prepare_scan
+
+    def no_point_in_val_fov(points, dataset_name, cfg, train, *a, **kw):
+        if not train:  # every val scan: as if no point lay inside the FOV
+            raise ValueError(f"no point of this {dataset_name} scan lies inside the FOV")
+        return real(points, dataset_name, cfg, train, *a, **kw)
+    monkeypatch.setattr(data, "prepare_scan", no_point_in_val_fov)
+    out = tmp_path / "ft"
+    _ft_main(tmp_path, _ft_argv(tiny, out, "--max-iters", "1"))
+    res = json.loads((out / "results.json").read_text())
+    assert res["val_scans_skipped"] == 1 and res["val_scans_scored"] == 0
+    assert (out / "model.pth").is_file() and finetune.segmentation_classes(wi.load_checkpoint(out / "model.pth")
+                                                                            .classif) == K
+    assert "1 of 1 val scans could not be scored" in capsys.readouterr().err
+    # a late failure of the evaluation itself: the trained model is on disk already
+    monkeypatch.setattr(data, "prepare_scan", real)
+    monkeypatch.setattr(finetune, "evaluate_split", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("late")))
+    out2 = tmp_path / "ft2"
+    with pytest.raises(RuntimeError, match="late"):
+        _ft_main(tmp_path, _ft_argv(tiny, out2, "--max-iters", "1"))
+    assert (out2 / "model.pth").is_file() and (out2 / "ckpt_last.pth").is_file()
+
+
+def test_scored_batches_count_and_drop_unscorable_scans():
+    class Seg:
+        ds = type("DS", (), {"scan_id": staticmethod(lambda i: f"scan{i}")})()
+        indices = [0, 1, 2]
+
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, j):
+            if j == 1:
+                raise ValueError("no point of this toy scan lies inside the FOV")
+            pts = np.random.default_rng(j).uniform(-5, 5, (50, 4)).astype(np.float32)
+            s = data.prepare_scan(pts, "nuscenes", data.GridConfig(), train=False, labels=np.zeros(50, np.int64))
+            s["orig_labels"] = np.zeros(50, np.int64)
+            return s
+    ds = probe.ScorableScans(Seg())
+    assert ds[1] == {"unscorable": "scan1", "reason": "no point of this toy scan lies inside the FOV"}
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=probe.collate_scorable)
+    batches = probe.ScoredBatches(loader)
+    got = list(batches)
+    assert [int(b["feat"].shape[0]) for b in got] == [1, 1] and batches.skipped == ["scan1"]
+
+
+def test_finetune_resume_refuses_other_settings_and_other_stages(tiny, tmp_path):
+    out = tmp_path / "ft"
+    _ft_main(tmp_path, _ft_argv(tiny, out, "--max-iters", "1"))
+    with pytest.raises(data.UserError, match=r"settings differ \(lr: 0\.002 in the checkpoint, 0\.01 now\)"):
+        _ft_main(tmp_path, _ft_argv(tiny, out, "--resume", "--max-iters", "2", "--lr", "0.01"))
+    with pytest.raises(data.UserError, match="already holds a run"):
+        _ft_main(tmp_path, _ft_argv(tiny, out, "--max-iters", "2"))
+    probe_run = tmp_path / "probe_run"
+    probe_run.mkdir()
+    wi.save_checkpoint(probe_run / "ckpt_last.pth", net={}, config={"stage": "probe"})
+    with pytest.raises(data.UserError, match="not a checkpoint of this stage.*probe"):
+        _ft_main(tmp_path, _ft_argv(tiny, probe_run, "--resume"))
+
+
+def test_finetune_nan_loss_stops_with_one_message(tiny, tmp_path, monkeypatch):
+    real = wi.seg_loss
+
+    def nan_loss(logits, labels, **kw):
+        loss, parts = real(logits, labels, **kw)
+        return loss * float("nan"), parts
+    monkeypatch.setattr(wi, "seg_loss", nan_loss)
+    out = tmp_path / "ft"
+    with pytest.raises(SystemExit, match=r"^error: loss is nan at iteration 1.*no checkpoint was written yet"):
+        _ft_main(tmp_path, _ft_argv(tiny, out, "--max-iters", "2"))
+    assert not (out / "model.pth").exists()  # no model of a diverged run
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A few one-line checks through the real command line
+# ----------------------------------------------------------------------------------------------------------------
+def test_command_line_bad_inputs_end_in_one_error_line(tiny, tmp_path):
+    text = tmp_path / "model.pth"
+    text.write_text("hello\n")
+    line = _one_error_line(_run_script(["probe.py", "--root", str(tiny["root"]), "--ckpt", str(text),
+                                        "--out", str(tmp_path / "p")]))
+    assert "model.pth" in line
+    line = _one_error_line(_run_script(["finetune.py", "--subset-file", str(tmp_path / "nope.npy"),
+                                        "--out", str(tmp_path / "f")]))
+    assert "nope.npy not found" in line
+    if not torch.cuda.is_available():
+        line = _one_error_line(_run_script(["probe.py", "--device", "cuda", "--random-init",
+                                            "--out", str(tmp_path / "d")]))
+        assert "--device" in line and "no GPU" in line
