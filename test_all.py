@@ -6,7 +6,9 @@ folder is absent. No test downloads anything; teachers are tiny random timm mode
 """
 import argparse
 import contextlib
+import copy
 import csv
+import errno
 import gzip
 import hashlib
 import importlib
@@ -5152,3 +5154,273 @@ def test_command_line_bad_inputs_end_in_one_error_line(tiny, tmp_path):
         line = _one_error_line(_run_script(["probe.py", "--device", "cuda", "--random-init",
                                             "--out", str(tmp_path / "d")]))
         assert "--device" in line and "no GPU" in line
+
+# ==============================================================================================================
+# waffleiron.py: sparse spatial mixing, folded embedding, the official-code speed comparison; bad checkpoints and full disks
+# ==============================================================================================================
+
+torch.set_num_threads(1)
+
+
+def _sparse_batch(batch=2, points=120, k=4, grids=((24, 24), (24, 6), (24, 6)), seed=0):
+    """synthetic_batch whose points fill few cells of the grids (as a lidar scan does): clustered cells."""
+    feat, cells, neighbors, occupied = wi.synthetic_batch(batch, points, k, grids, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    for p, (H, W) in enumerate(grids):
+        i = torch.randint(2, 7, (batch, points), generator=g)        # rows 2..6 of H
+        j = torch.randint(0, W, (batch, points), generator=g) // 2  # left half of W
+        cells[:, p] = torch.where(occupied, i * W + j, torch.zeros_like(i))
+    return feat, cells, neighbors, occupied
+
+
+def _grad_list(model, forward, inputs):
+    model.zero_grad()
+    forward(*inputs).square().mean().backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("layer_norm", [True, False])
+def test_sparse_spatial_mix_equals_the_dense_grid_and_the_official_layout(layer_norm, monkeypatch):
+    """WI paper, spatial mixing: the 3x3 convolutions evaluated only at the cells that are read back (and their
+    3x3 neighbourhood) give the dense-grid numbers, padding included, forward and gradients (fp32)."""
+    grids = ((24, 24), (24, 6), (24, 6))
+    model = _model_tiny(width=16, depth=4, head=None, layer_norm=layer_norm, grids=grids)
+    inputs = _sparse_batch(grids=grids)
+    planes = wi.projection_indices(inputs[1], inputs[3], grids)
+    assert planes[0].taps_a is not None and planes[0].rows < 2 * 24 * 24 / 4  # the 24x24 plane is sparse
+    dense = [wi.projection_indices(inputs[1], inputs[3], grids, sparse=False)]
+    assert dense[0][0].taps_a is None and dense[0][0].rows == 2 * 24 * 24
+    model.eval()
+    with torch.no_grad():
+        fast = model.forward_features(*inputs)
+        naive = wi.naive_forward_features(model, *inputs)
+        monkeypatch.setattr(wi, "SPARSE_MAX_FILL", -1.0)  # every plane dense
+        grid = model.forward_features(*inputs)
+        monkeypatch.setattr(wi, "SPARSE_MAX_FILL", 2.0)   # every plane sparse
+        all_sparse = model.forward_features(*inputs)
+    assert fast.abs().max() > 0.1
+    for other in (naive, grid, all_sparse):
+        torch.testing.assert_close(fast, other, rtol=1e-5, atol=1e-5)
+    model.train()
+    sparse_grads = _grad_list(model, model.forward_features, inputs)
+    naive_grads = _grad_list(model, lambda *x: wi.naive_forward_features(model, *x), inputs)
+    for a, b in zip(sparse_grads, naive_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_sparse_depthwise_conv3x3_equals_conv2d_on_a_hand_grid(monkeypatch):
+    """One 5x4 grid with 3 non-zero cells: sparse_plane's taps + sparse_depthwise_conv3x3 == F.conv2d(padding 1)
+    at every listed cell (cross-correlation orientation, borders)."""
+    torch.manual_seed(0)
+    H, W, C = 5, 4, 3
+    keys = torch.tensor([0, 7, 19])                         # cells (0,0), (1,3), (4,3): two corners
+    weight, bias = torch.randn(C, 1, 3, 3), torch.randn(C)
+    monkeypatch.setattr(wi, "SPARSE_MAX_FILL", 2.0)         # sparse even on this tiny grid
+    plane = wi.sparse_plane(keys, torch.ones(3), H, W, batch=1)
+    values = torch.randn(3, C)                              # the grid at its occupied cells
+    dense = torch.zeros(C, H * W)
+    dense[:, keys] = values.T
+    expected = torch.nn.functional.conv2d(dense.view(1, C, H, W), weight, bias, padding=1, groups=C)
+    expected = expected.view(C, H * W)
+    first = wi.sparse_depthwise_conv3x3(values, plane.taps_a, weight, bias)     # at the dilated cells
+    dilated = torch.unique(torch.stack([(keys // W + u).clamp(0, H - 1) * W + (keys % W + v).clamp(0, W - 1)
+                                        for u, v in wi._TAPS]))
+    torch.testing.assert_close(first, expected[:, dilated].T)
+    second = wi.sparse_depthwise_conv3x3(first, plane.taps_b, weight, bias)     # back at the occupied cells
+    dense2 = torch.zeros(C, H * W)
+    dense2[:, dilated] = first.T
+    expected2 = torch.nn.functional.conv2d(dense2.view(1, C, H, W), weight, bias, padding=1, groups=C)
+    torch.testing.assert_close(second, expected2.view(C, H * W)[:, keys].T)
+
+
+def test_eval_embedding_with_folded_batchnorms_equals_the_module_layers():
+    """Point tokens (WI paper): the eval path (BN2d -> Conv -> BN2d folded into one affine map, rows) gives the
+    numbers of the official layer-by-layer computation, also when chunked over points."""
+    model = _model_tiny(width=16, depth=1, head=None).eval()
+    feat, _, neighbors, _ = wi.synthetic_batch(2, 300, 5, model.grids, seed=3)
+    with torch.no_grad():
+        fast = model.embed(feat, neighbors)                                         # (B, N, F)
+        naive = wi.naive_embedding(model.embed, feat, neighbors).transpose(1, 2)
+        chunked_rows = wi.EMBED_CHUNK_ROWS
+        try:
+            wi.EMBED_CHUNK_ROWS = 2 * 5 * 37                                        # 37 points per chunk
+            chunked = model.embed(feat, neighbors)
+        finally:
+            wi.EMBED_CHUNK_ROWS = chunked_rows
+    assert fast.abs().max() > 0.1
+    torch.testing.assert_close(fast, naive, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(chunked, fast, rtol=1e-6, atol=1e-6)
+
+
+def test_train_embedding_updates_batchnorm_statistics_like_the_official_layers():
+    model = _model_tiny(width=16, depth=1, head=None).train()
+    twin = copy.deepcopy(model)
+    feat, _, neighbors, _ = wi.synthetic_batch(2, 200, 4, model.grids, seed=4)
+    ours = model.embed(feat, neighbors)
+    naive = wi.naive_embedding(twin.embed, feat, neighbors).transpose(1, 2)
+    torch.testing.assert_close(ours, naive, rtol=1e-5, atol=1e-5)
+    for a, b in zip(model.embed.modules(), twin.embed.modules()):
+        if isinstance(a, torch.nn.modules.batchnorm._BatchNorm):
+            torch.testing.assert_close(a.running_mean, b.running_mean)
+            torch.testing.assert_close(a.running_var, b.running_var)
+            assert int(a.num_batches_tracked) == int(b.num_batches_tracked) == 1
+
+
+def test_linear_head_as_matmul_equals_the_conv1d_module():
+    model = _model_tiny(width=16, depth=2, nb_class=7, head="linear").eval()
+    inputs = wi.synthetic_batch(2, 50, 4, model.grids, seed=5)
+    with torch.no_grad():
+        torch.testing.assert_close(model(*inputs), model.classif(model.forward_features(*inputs)))
+
+
+# ---- bad checkpoints: one line naming the file ----
+
+class _Boom:
+    def __reduce__(self):
+        return (print, ("this would run code",))
+
+
+def _bad_checkpoints(tmp_path):
+    _, good = _model_tiny_checkpoint(tmp_path)
+    raw = good.read_bytes()
+    files = {"truncated": raw[: len(raw) // 2], "empty": b"", "text": b"model_point: weights\nlr: 0.002\n",
+             "bomb": None, "other": None, "numpy": None}
+    paths = {}
+    for name, content in files.items():
+        paths[name] = tmp_path / f"{name}.pth"
+        if content is not None:
+            paths[name].write_bytes(content)
+    torch.save({"model_point": _Boom()}, paths["bomb"])            # torch.save of an object that runs code
+    with open(tmp_path / "raw_bomb.pth", "wb") as f:                # a plain pickle of it (protocol 4)
+        pickle.dump({"model_point": _Boom()}, f, protocol=4)
+    paths["raw_bomb"] = tmp_path / "raw_bomb.pth"
+    torch.save({"optim": {"state": {}, "param_groups": []}, "epoch": 3}, paths["other"])
+    np.save(tmp_path / "numpy.npy", np.zeros(3))
+    os.replace(tmp_path / "numpy.npy", paths["numpy"])
+    return paths
+
+
+def test_bad_checkpoint_files_end_in_one_user_error_naming_the_file(tmp_path):
+    paths = _bad_checkpoints(tmp_path)
+    expected = {"truncated": "truncated", "empty": "not a checkpoint", "text": "not a checkpoint",
+                "bomb": "objects other than tensors", "other": "not a WaffleIron checkpoint",
+                "numpy": "not a checkpoint", "raw_bomb": "not a checkpoint"}
+    for name, path in paths.items():
+        with pytest.raises(data.UserError, match=expected[name]) as err:
+            wi.load_checkpoint(path)
+        message = str(err.value)
+        assert str(path) in message and "\n" not in message, (name, message)
+        assert isinstance(err.value, ValueError)  # callers catching ValueError still do
+    with pytest.raises(data.UserError, match="trust-pickle"):
+        wi.load_checkpoint(paths["bomb"])
+    with pytest.raises(data.UserError, match="truncated"):
+        wi.load_training_checkpoint(paths["truncated"])
+    with pytest.raises(data.UserError, match="not a training checkpoint"):
+        torch.save(torch.zeros(2), tmp_path / "tensor.pth")
+        wi.load_training_checkpoint(tmp_path / "tensor.pth")
+    with pytest.raises(FileNotFoundError, match="absent.pth"):
+        wi.load_checkpoint(tmp_path / "absent.pth")
+
+
+# ---- save_checkpoint: full disk, killed saves ----
+
+def _fake_full_disk(monkeypatch, exc):
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04" + b"\0" * 512)  # part of the file is written, then the disk is full
+        raise exc
+
+    monkeypatch.setattr(torch, "save", save)
+    return real_save
+
+
+@pytest.mark.parametrize("exc", [OSError(errno.ENOSPC, "No space left on device"),
+                                 RuntimeError("[enforce fail at inline_container.cc:595] . unexpected pos 28480 "
+                                              "vs 28368")])
+def test_save_checkpoint_on_a_full_disk_names_the_path_and_keeps_the_previous_one(tmp_path, monkeypatch, exc):
+    path = tmp_path / "run" / "ckpt_last.pth"
+    wi.save_checkpoint(path, iteration=4, weights=torch.arange(5.0))
+    _fake_full_disk(monkeypatch, exc)
+    with pytest.raises(data.UserError) as err:
+        wi.save_checkpoint(path, iteration=5, weights=torch.arange(6.0))
+    message = str(err.value)
+    assert str(path) in message and "\n" not in message and "unexpected pos" not in message.split(":")[0]
+    if isinstance(exc, OSError):
+        assert "no space left" in message
+    monkeypatch.undo()
+    assert sorted(p.name for p in path.parent.iterdir()) == ["ckpt_last.pth"]  # no *.tmp left
+    previous = wi.load_training_checkpoint(path)
+    assert previous["iteration"] == 4 and torch.equal(previous["weights"], torch.arange(5.0))
+
+
+def test_save_checkpoint_removes_temp_files_of_a_killed_save(tmp_path):
+    path = tmp_path / "ckpt_last.pth"
+    stale = [tmp_path / ".ckpt_last.pth.99999.tmp", tmp_path / ".ckpt_last.pth.12.tmp"]
+    for s in stale:
+        s.write_bytes(b"PK\x03\x04 half a checkpoint")
+    other = tmp_path / ".model.pth.77.tmp"  # another file's temp: left alone
+    other.write_bytes(b"x")
+    wi.save_checkpoint(path, iteration=1)
+    assert not any(s.exists() for s in stale) and other.exists()
+    assert wi.load_training_checkpoint(path)["iteration"] == 1
+
+
+# ---- the features CLI ----
+
+def test_features_cli_bad_scans_flags_and_devices(tmp_path, capsys):
+    _, ckpt = _model_tiny_checkpoint(tmp_path)
+    out = str(tmp_path / "f.npy")
+    points = _model_scan(30)
+    np.concatenate([points.ravel(), [1.0, 2.0]]).astype(np.float32).tofile(tmp_path / "cut.bin")  # 122 floats
+    with pytest.raises(data.UserError, match=r"cut\.bin is truncated.*not a multiple of 4 float32"):
+        wi.main(["features", "--ckpt", str(ckpt), "--scan", str(tmp_path / "cut.bin"), "--out", out])
+    (tmp_path / "text.npy").write_text("x y z i\n1 2 3 4\n")
+    with pytest.raises(data.UserError, match=r"text\.npy is not a readable \.npy"):
+        wi.read_scan_file(tmp_path / "text.npy")
+    with pytest.raises(SystemExit) as err:
+        wi.main(["features", "--ckpt", str(ckpt), "--scan", str(tmp_path / "cut.bin"), "--out", out,
+                 "--layer", "neck"])
+    assert err.value.code == 2 and "invalid choice: 'neck'" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        np.save(tmp_path / "ok.npy", points)
+        with pytest.raises(data.UserError, match=r"no GPU.*\(--device\)"):
+            wi.main(["features", "--ckpt", str(ckpt), "--scan", str(tmp_path / "ok.npy"), "--out", out,
+                     "--device", "cuda"])
+        assert not Path(out).exists()
+    with pytest.raises(data.UserError, match=r"not a checkpoint.*text\.pth"):
+        (tmp_path / "text.pth").write_text("hello")
+        np.save(tmp_path / "ok.npy", points)
+        wi.main(["features", "--ckpt", str(tmp_path / "text.pth"), "--scan", str(tmp_path / "ok.npy"), "--out", out])
+
+
+def test_features_cli_drops_a_nan_point_with_a_warning_naming_the_file(tmp_path, capsys):
+    model, ckpt = _model_tiny_checkpoint(tmp_path)
+    points = _model_scan(80)
+    points[7, 1] = np.nan
+    points[9, 3] = np.inf  # intensity
+    scan = tmp_path / "with_nan.npy"
+    np.save(scan, points)
+    wi.main(["features", "--ckpt", str(ckpt), "--scan", str(scan), "--out", str(tmp_path / "f.npy")])
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "2 of 80 points" in warnings[0] and str(scan) in warnings[0]
+    feats = np.load(tmp_path / "f.npy")
+    assert feats.shape == (80, 8) and np.isfinite(feats).all()
+    clean = np.delete(points, [7, 9], axis=0)
+    direct = wi.scan_features(model, clean, "nuscenes", data.GridConfig(max_points=None), "backbone")
+    np.testing.assert_allclose(np.delete(feats, [7, 9], axis=0), direct, rtol=1e-5, atol=1e-5)
+
+
+def test_features_cli_truncated_checkpoint_is_one_line_without_traceback(tmp_path):
+    _, ckpt = _model_tiny_checkpoint(tmp_path)
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(ckpt.read_bytes()[:1000])
+    np.save(tmp_path / "scan.npy", _model_scan(30))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("SCALR_DEBUG", None)
+    run = subprocess.run([sys.executable, "waffleiron.py", "features", "--ckpt", str(cut), "--scan",
+                          str(tmp_path / "scan.npy"), "--out", str(tmp_path / "f.npy")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert len(lines) == 1 and lines[0].startswith("error:") and "truncated" in lines[0] and str(cut) in lines[0]

@@ -14,6 +14,7 @@ ScaLR (CVPR 2024) uses WI-48-768 (60.2 M parameters) and WI-48-256; facts: ../sh
     python waffleiron.py features --ckpt runs/distill/model.pth --scan scan.npy --out feats.npy   # (N, F) features
     python waffleiron.py features --ckpt model.pth --scan 000000.bin --out f.npy --layer head     # KITTI .bin
     python waffleiron.py --bench                                  # ours vs official layout, 2-core CPU, ~1-3 min
+    python waffleiron.py --bench --scan scan.npy --width 256 --depth 12    # on a real scan (mostly empty grids)
     python waffleiron.py --bench --device cuda --width 768 --depth 48 --batch 8 --amp bf16 --compile
 
 In Python:  model = load_checkpoint('model.pth')  (released ScaLR / WaffleIron files or ours, strict)
@@ -38,7 +39,10 @@ import torch.nn as nn
 # same (F, F, 1) parameters), and the 2D "flatten"/"inflate" of the spatial mixing are row-wise `index_add_` /
 # `index_select` with one index per point (instead of one index per point AND channel for `scatter`/`gather`).
 # The per-plane cell index and the 1/count weights are computed once per batch, not once per layer.
-# The embedding's neighbour branch keeps the official (B, C, k, N) layout, which is the faster one on CPU there.
+# The embedding's neighbour branch keeps the official (B, C, k, N) layout in training (its BatchNorms are accurate
+# there) and in eval folds its BatchNorms into one affine map on rows (Embedding.forward_eval).
+# The spatial mixing of a mostly empty grid (a lidar scan fills ~4 % of the 256 x 256 cells) is computed at the
+# occupied cells only (sparse_plane, sparse_depthwise_conv3x3), with the same sums as the dense convolutions.
 # `naive_forward_features` below is a direct implementation of the official layout and per-layer
 # scatter/gather; tests check both give the same numbers, `python waffleiron.py --bench` times them.
 import torch.nn.functional as F
@@ -59,6 +63,15 @@ def activation_(act, x):
     """act(x), in place for ReLU: x is a fresh conv/linear output whose backward does not need it. Every big
     tensor we do not allocate also saves its page faults, a large part of the CPU time at these sizes."""
     return x.relu_() if isinstance(act, nn.ReLU) else act(x)
+
+
+def pointwise(weight, x, bias=None):
+    """A 1x1 convolution of channels-first x (B, C, L) with weight (F, C, 1[, 1]) as a batched matmul
+    -> (B, F, L) (the same numbers; on CPU conv1d/conv2d take a slow path for 1x1 kernels in training)."""
+    w = weight.flatten(1)                                                          # (F, C)
+    if bias is None:
+        return torch.bmm(w.expand(x.shape[0], *w.shape), x)
+    return torch.baddbmm(bias.view(1, -1, 1).expand(x.shape[0], -1, x.shape[2]), w.expand(x.shape[0], *w.shape), x)
 
 
 def channels_first_norm(norm, x):
@@ -109,26 +122,72 @@ class Embedding(nn.Module):
     def neighbour_max(self, x, neighbors, start=0):
         """x (B, C, N) normalised features; neighbors (B, k, n): neighbours of the points start..start+n-1.
         Returns max over the k neighbours of conv2(x_neighbour - x_centre): (B, F, n).
-        This branch stays in the official channels-first layout: on CPU, BatchNorm2d and the 1x1 Conv2d's are
-        faster on (B, C, k, n) than on rows (B*k*n, C) (measured with `--bench`-like timings)."""
+        This branch keeps the official channels-first layout (B, C, k, n): its BatchNorm2d's are fast and accurate
+        there (their CPU kernel for rows, (B*k*n, C, 1, 1), accumulates the statistics less accurately: ~1e-4).
+        The 1x1 Conv2d's are run as matmuls W @ (B, C, k*n) on the same weights (faster than conv2d on CPU)."""
         B, C, N = x.shape
         k, n = neighbors.shape[1:]
         nb = x.gather(2, neighbors.reshape(B, 1, k * n).expand(B, C, k * n)).view(B, C, k, n)  # (B, C, k, n)
         rel = nb - x[:, :, start:start + n].unsqueeze(2)                                     # (B, C, k, n)
-        return self.conv2(rel).max(dim=2).values                                             # (B, F, n)
+        bn0, conv_a, bn1, act, conv_b = self.conv2
+        h = pointwise(conv_a.weight, bn0(rel).view(B, C, k * n))                             # (B, F, k*n)
+        h = activation_(act, bn1(h.view(B, -1, k, n)))                                       # (B, F, k, n)
+        h = pointwise(conv_b.weight, h.view(B, -1, k * n))                                   # (B, F, k*n)
+        return h.view(B, -1, k, n).max(dim=2).values  # (B, F, n); max, not amax: the gradient goes to one neighbour
 
     def forward(self, feat, neighbors):
         """feat (B, C_in, N), neighbors (B, k, N) -> tokens (B, N, F), token-major for the blocks."""
+        if not self.training and not torch.is_grad_enabled():
+            return self.forward_eval(feat, neighbors)
         B, C, N = feat.shape
         k = neighbors.shape[1]
         x = self.norm(feat)                                                        # (B, C_in, N)
-        # Training: BatchNorm statistics need every neighbour at once. Eval: BN uses running stats, so
-        # chunking over points is exact and bounds memory (the (B, F, k, N) tensor is 4 GB at N=90k, F=768).
+        # Training: BatchNorm statistics need every neighbour at once. Eval (with autograd): BN uses running
+        # stats, so chunking over points is exact and bounds memory.
         step = N if self.training else max(1, EMBED_CHUNK_ROWS // (B * k))
         neighbour = torch.cat([self.neighbour_max(x, neighbors[:, :, s:s + step], s)
                                for s in range(0, N, step)], dim=2)                # (B, F, N)
-        tokens = self.final(torch.cat([self.conv1(x), neighbour], dim=1))          # (B, F, N)
-        return tokens.transpose(1, 2).contiguous()                                 # (B, N, F)
+        point = pointwise(self.conv1.weight, x, self.conv1.bias)                   # (B, F, N) conv1
+        # final([conv1(x), neighbour]), the Conv1d(2F -> F), computed straight into token-major rows
+        both = torch.cat([point, neighbour], dim=1).transpose(1, 2)                # (B, N, 2F) strided view
+        return F.linear(both, self.final.weight.flatten(1), self.final.bias)       # (B, N, F)
+
+    def folded_neighbour_map(self):
+        """Eval only: the affine part of conv2 (BatchNorm2d -> Conv2d C_in->F -> BatchNorm2d, running statistics)
+        as one map rel -> A rel + a. BN(y) = s*y + t with s = gamma / sqrt(var + eps), t = beta - s*mean, so
+        A = diag(s2) W1 diag(s0) (F, C_in) and a = s2 * (W1 t0) + t2 (F,)."""
+        bn0, conv, bn2 = self.conv2[0], self.conv2[1], self.conv2[2]
+        s0 = bn0.weight / torch.sqrt(bn0.running_var + bn0.eps)
+        t0 = bn0.bias - s0 * bn0.running_mean
+        s2 = bn2.weight / torch.sqrt(bn2.running_var + bn2.eps)
+        t2 = bn2.bias - s2 * bn2.running_mean
+        w1 = conv.weight.flatten(1)                                                # (F, C_in)
+        return s2[:, None] * w1 * s0[None, :], s2 * (w1 @ t0) + t2
+
+    def forward_eval(self, feat, neighbors):
+        """Same numbers as forward() in eval mode (to float rounding), rearranged: token-major rows, the three
+        affine layers of conv2 folded into one (folded_neighbour_map), so the only big product left is the
+        k*N x F x F matmul of its last conv. Rows are chunked over points to bound memory (4 GB at N=90k,
+        F=768); rel = x_j - x_i is formed on the C_in = 5 input channels, where it is exact."""
+        B, C, N = feat.shape
+        k = neighbors.shape[1]
+        x = self.norm(feat).transpose(1, 2).contiguous()                           # (B, N, C_in)
+        A, a = self.folded_neighbour_map()                                          # (F, C_in), (F,)
+        w2 = self.conv2[4].weight.flatten(1)                                       # (F, F)
+        rows = neighbors + torch.arange(B, device=feat.device).view(B, 1, 1) * N    # (B, k, N) rows of x
+        x_rows = x.view(B * N, C)
+        step = max(1, EMBED_CHUNK_ROWS // (B * k))
+        parts = []
+        for s in range(0, N, step):
+            n = min(step, N - s)
+            rel = x_rows.index_select(0, rows[:, :, s:s + n].reshape(-1)).view(B, k, n, C)  # (B, k, n, C_in)
+            rel = rel - x[:, None, s:s + n]                                        # x_j - x_i
+            h = F.linear(rel, A, a).relu_()                                        # (B, k, n, F)
+            parts.append(F.linear(h, w2).amax(dim=1))                              # (B, n, F) max over k
+        neighbour = torch.cat(parts, dim=1)                                        # (B, N, F)
+        point = F.linear(x, self.conv1.weight.flatten(1), self.conv1.bias)         # (B, N, F)
+        # final([conv1(x), neighbour]): the Conv1d(2F -> F) on the concatenated channels, as rows
+        return F.linear(torch.cat([point, neighbour], dim=2), self.final.weight.flatten(1), self.final.bias)
 
 
 class ChannelMix(nn.Module):
@@ -153,27 +212,80 @@ class ChannelMix(nn.Module):
         # LayerScale folded into the last conv: diag(s) (W r + b) = (diag(s) W) r + s*b (exact; gradients flow
         # to W, b and s through the products).
         s = self.scale.weight.view(C)
-        r = F.linear(r, self.mlp[2].weight.flatten(1) * s[:, None], self.mlp[2].bias * s)  # (B*N, F)
+        w2, b2 = self.mlp[2].weight.flatten(1) * s[:, None], self.mlp[2].bias * s
+        if r.dtype == tokens.dtype and not (self.training and self.drop_path.p > 0):
+            # residual fused into the product: tokens + (r W2^T + b2) = addmm(tokens, r, W2^T) + b2 (one fresh
+            # (B*N, F) tensor instead of two; not under autocast, where the residual stream stays fp32)
+            return torch.addmm(tokens.reshape(B * N, C), r, w2.t()).add_(b2).view(B, N, C)
+        r = F.linear(r, w2, b2)                                                             # (B*N, F)
         return tokens + self.drop_path(r.view(B, N, C))
 
 
 class ProjectionIndex(NamedTuple):
     """One 2D plane of a batch (WI paper, spatial mixing), computed once per batch and reused by every layer using it.
 
-    index: (B*N,) int64, row of point (b, i) in the flattened (B*H*W) grid = b*H*W + cell[b, i].
+    index: (B*N,) int64, row of point (b, i) in the flattened grid. Dense plane: b*H*W + cell[b, i], a row of the
+    whole (B*H*W) grid. Sparse plane: a row of the list of the cells that hold at least one point.
     weight: (B*N,) float, occupied / (points in the cell + 1e-6), so that summing weight*token per cell is the
-    masked mean of the official code (padding has weight 0). shape: (H, W)."""
+    masked mean of the official code (padding has weight 0). shape: (H, W).
+    rows: number of rows of the flattened grid (B*H*W dense, the cells that hold points sparse).
+    taps_a, taps_b: sparse planes only (None for dense ones), see sparse_plane(): the 3x3 neighbourhoods read by the
+    two depthwise convolutions."""
     index: torch.Tensor
     weight: torch.Tensor
     shape: tuple
+    rows: int = None  # rows of the flattened grid (None: the dense B*H*W)
+    taps_a: torch.Tensor = None
+    taps_b: torch.Tensor = None
 
 
-def projection_indices(cells, occupied, grids):
-    """cells (B, 3, N) int64 flat cell ids q_a*W + q_b per plane, occupied (B, N) bool -> 3 ProjectionIndex."""
+# A lidar scan fills few cells of the 256 x 256 grid: 2,436 of 65,536 (3.7 %) for a 20k-point nuScenes scan,
+# ~12 % of the 256 x 32 ones. The depthwise 3x3 convolutions of the spatial mixing are only ever read back at the
+# cells that hold points (inflate), so we compute them there only (exact, the same sums): the first convolution on
+# the cells within one step of a point's cell ("dilated" cells), the second on the cells of the points.
+# A plane uses this sparse form when the dilated cells are under SPARSE_MAX_FILL of the grid, else the dense grid.
+SPARSE_MAX_FILL = 0.5
+_TAPS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 0), (0, 1), (1, -1), (1, 0), (1, 1))  # weight[:, 0, u+1, v+1]
+
+
+def _tap_rows(keys, table, H, W):
+    """For each cell key b*H*W + i*W + j of `keys` (n,) and each 3x3 tap (u, v): the row of cell (i+u, j+v) in the
+    sorted key list `table`, or len(table) (the zero row: outside the grid, or a cell not in the table). (9, n)."""
+    b, i, j = keys // (H * W), keys % (H * W) // W, keys % W
+    u = torch.tensor([t[0] for t in _TAPS], device=keys.device).view(9, 1)
+    v = torch.tensor([t[1] for t in _TAPS], device=keys.device).view(9, 1)
+    ni, nj = i + u, j + v                                                          # (9, n)
+    inside = (ni >= 0) & (ni < H) & (nj >= 0) & (nj < W)
+    wanted = b * (H * W) + ni.clamp(0, H - 1) * W + nj.clamp(0, W - 1)           # (9, n)
+    pos = torch.searchsorted(table, wanted).clamp(max=len(table) - 1)
+    found = inside & (table[pos] == wanted)
+    return torch.where(found, pos, torch.full_like(pos, len(table)))
+
+
+def sparse_plane(index, weight, H, W, batch):
+    """ProjectionIndex of a plane in sparse form, or None when the dense grid is cheaper.
+    index: (B*N,) dense rows b*H*W + cell of every point (padding included: it reads cell 0 like the official
+    code). occupied = the cells that some point maps to; dilated = the cells within one 3x3 step of them."""
+    occupied = torch.unique(index)                                                 # (n_occ,) sorted keys
+    b, i, j = occupied // (H * W), occupied % (H * W) // W, occupied % W
+    around = torch.stack([b * (H * W) + (i + u).clamp(0, H - 1) * W + (j + v).clamp(0, W - 1) for u, v in _TAPS])
+    dilated = torch.unique(around)                                                 # (n_dil,) sorted keys
+    if len(dilated) > SPARSE_MAX_FILL * batch * H * W:
+        return None
+    rows = torch.searchsorted(occupied, index)                                     # (B*N,) row in `occupied`
+    return ProjectionIndex(rows, weight, (int(H), int(W)), rows=len(occupied),
+                           taps_a=_tap_rows(dilated, occupied, H, W),              # (9, n_dil) rows of occupied
+                           taps_b=_tap_rows(occupied, dilated, H, W))              # (9, n_occ) rows of dilated
+
+
+def projection_indices(cells, occupied, grids, sparse=True):
+    """cells (B, 3, N) int64 flat cell ids q_a*W + q_b per plane, occupied (B, N) bool -> 3 ProjectionIndex
+    (sparse where it pays, see SPARSE_MAX_FILL; sparse=False: always the dense grid)."""
     B, P, N = cells.shape
     if P != len(grids):
         raise ValueError(f"cells has {P} planes but the model has {len(grids)} grids {grids}")
     occ = occupied.reshape(-1).to(torch.float32)                                  # (B*N,)
+    sparse = sparse and not torch.compiler.is_compiling()  # data-dependent sizes: torch.compile uses the grid
     planes = []
     for p, (H, W) in enumerate(grids):
         if not torch.compiler.is_compiling():
@@ -184,10 +296,30 @@ def projection_indices(cells, occupied, grids):
         offset = torch.arange(B, device=cells.device).view(B, 1) * (H * W)
         index = (cells[:, p] + offset).reshape(-1)                                # (B*N,)
         count = torch.zeros(B * H * W, device=cells.device).index_add_(0, index, occ)  # points per cell
-        # official.md §4.2: masked mean weight = occupied / (count + 1e-6), padded points weigh 0
+        # WaffleIron waffleiron/helper_projection.py: masked mean weight = occupied / (count + 1e-6), padding 0
         weight = occ / (count.index_select(0, index) + 1e-6)                      # (B*N,)
-        planes.append(ProjectionIndex(index, weight, (int(H), int(W))))
+        plane = sparse_plane(index, weight, H, W, B) if sparse else None
+        planes.append(plane or ProjectionIndex(index, weight, (int(H), int(W)), rows=B * H * W))
     return planes
+
+
+def sparse_depthwise_conv3x3(x, taps, weight, bias):
+    """Depthwise 3x3 convolution (padding 1) evaluated at selected cells of a grid stored as rows.
+    x (n_in, C): the grid's values at its listed cells (all other cells are 0); taps (9, n_out): row of x under
+    each tap of each output cell (n_in = a zero cell); weight (C, 1, 3, 3), bias (C,) -> (n_out, C).
+    out[c] = bias[c] + sum over taps (u, v) of weight[c, 0, u+1, v+1] * x[cell + (u, v), c] (cross-correlation)."""
+    C = x.shape[1]
+    x = torch.cat([x, x.new_zeros(1, C)])                                          # (n_in + 1, C)
+    w = weight.reshape(C, 9).t()                                                   # (9, C), tap order of _TAPS
+    out = bias.expand(taps.shape[1], C)
+    if torch.is_grad_enabled():
+        for t in range(9):
+            out = torch.addcmul(out, x.index_select(0, taps[t]), w[t])
+        return out
+    out = out.contiguous()
+    for t in range(9):  # no autograd: accumulate in place
+        out.addcmul_(x.index_select(0, taps[t]), w[t])
+    return out
 
 
 class SpatialMix(nn.Module):
@@ -212,17 +344,24 @@ class SpatialMix(nn.Module):
         H, W = plane.shape
         r = self.norm(tokens.reshape(B * N, C))                                            # (B*N, F)
         # flatten: grid[cell] = sum_{p in cell} occupied_p / count_cell * r_p  (masked mean)
-        grid = r.new_zeros(B * H * W, C).index_add_(0, plane.index, r * plane.weight[:, None].to(r.dtype))
-        grid = grid.view(B, H, W, C).permute(0, 3, 1, 2)                   # (B, F, H, W), channels_last strides
+        rows = plane.rows if plane.rows is not None else B * H * W
+        grid = r.new_zeros(rows, C).index_add_(0, plane.index, r * plane.weight[:, None].to(r.dtype))
         conv_a, act, conv_b = self.ffn
-        grid = activation_(act, conv_a(grid))                                              # (B, F, H, W)
         # LayerScale (a per-channel gain, applied on the grid before inflate in the official code) folded
         # into the second depthwise conv: s * (w * g + b) = (s w) * g + s b.
         s = self.scale.weight.view(C)
-        grid = F.conv2d(grid, conv_b.weight * s.view(C, 1, 1, 1), conv_b.bias * s, padding=1, groups=C)
-        grid = grid.permute(0, 2, 3, 1).reshape(B * H * W, C)                              # (B*H*W, F)
+        if plane.taps_a is not None:  # sparse plane: the two convolutions at the cells that are read back
+            grid = activation_(act, sparse_depthwise_conv3x3(grid, plane.taps_a, conv_a.weight, conv_a.bias))
+            grid = sparse_depthwise_conv3x3(grid, plane.taps_b, conv_b.weight * s.view(C, 1, 1, 1), conv_b.bias * s)
+        else:                         # dense plane: the whole (B, F, H, W) grid, channels_last strides
+            grid = grid.view(B, H, W, C).permute(0, 3, 1, 2)                               # (B, F, H, W)
+            grid = activation_(act, conv_a(grid))                                          # (B, F, H, W)
+            grid = F.conv2d(grid, conv_b.weight * s.view(C, 1, 1, 1), conv_b.bias * s, padding=1, groups=C)
+            grid = grid.permute(0, 2, 3, 1).reshape(B * H * W, C)                          # (B*H*W, F)
         # inflate: every point takes its cell's value
         out = grid.index_select(0, plane.index).view(B, N, C)                              # (B, N, F)
+        if out.dtype == tokens.dtype and not (self.training and self.drop_path.p > 0):
+            return out.add_(tokens)  # the residual, in the fresh tensor (index_select's backward does not need it)
         return tokens + self.drop_path(out).to(tokens.dtype)
 
 
@@ -296,7 +435,11 @@ class WaffleIron(nn.Module):
 
     def forward(self, feat, cells, neighbors, occupied):
         """-> head output (B, C, N)."""
-        return self.classif(self.forward_features(feat, cells, neighbors, occupied))
+        tokens = self.forward_features(feat, cells, neighbors, occupied)          # (B, F, N)
+        head = self.classif
+        if type(head) is nn.Conv1d and head.kernel_size == (1,) and head.groups == 1:  # the linear head
+            return pointwise(head.weight, tokens, head.bias)                       # (B, C, N)
+        return head(tokens)
 
 
 # ---- Reference: a direct implementation of the official layout, for tests and `--bench` ----
@@ -531,6 +674,43 @@ def _saved_model_config(obj):
     return out
 
 
+def read_torch_file(path, what="checkpoint", map_location="cpu", weights_only=True, trust_hint=None):
+    """torch.load(path) where every way a file can fail to be a checkpoint ends in ONE data.UserError naming it:
+    absent, truncated (an interrupted copy or download), not written by torch.save (a text file, a numpy file),
+    or holding objects other than tensors and plain values (weights_only=True refuses a pickle that would run
+    code). Raises data.MissingDataFileError (a FileNotFoundError) or data.DataFileError (a ValueError)."""
+    import zipfile
+    from data import DataFileError, MissingDataFileError
+    path = Path(path)
+    if not path.is_file():
+        raise MissingDataFileError(f"{what} does not exist", path, "check the path")
+    import warnings
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols of foreign files: the error says it
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=map_location, weights_only=weights_only)
+    except pickle.UnpicklingError as err:
+        text = str(err)
+        # torch's weights-only unpickler puts the reason after "WeightsUnpickler error:"
+        reason = " ".join(text.split("WeightsUnpickler error:")[-1].split()).split(" Check the doc")[0][:160]
+        if "Unsupported global" in text:  # a torch.save'd pickle of custom objects: loading it could run code
+            raise DataFileError(f"{what} holds objects other than tensors and plain values, refused by "
+                                f"torch.load(weights_only=True) ({reason})", path,
+                                trust_hint or "load it with weights_only=False only if you trust it") from None
+        error = pickle.UnpicklingError(reason)
+    except (RuntimeError, OSError, EOFError, ValueError, KeyError, AttributeError, IndexError, TypeError) as err:
+        error = err
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head == b"PK\x03\x04" and not zipfile.is_zipfile(path):  # torch.save's zip format, cut short
+        raise DataFileError(f"{what} file is truncated ({path.stat().st_size:,} bytes: the end of the file is "
+                            "missing)", path, "copy or download it again") from None
+    detail = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:160]}"
+    raise DataFileError(f"not a checkpoint, or truncated: torch.load cannot read it ({detail})", path,
+                        "pass a .pth file written by torch.save (our stages or a released ScaLR / WaffleIron "
+                        "checkpoint); a truncated copy must be copied or downloaded again") from None
+
+
 def load_checkpoint(path, grids=None, map_location="cpu", weights_only=True, **flags):
     """Read a released ScaLR / WaffleIron checkpoint or one of ours into WaffleIron, strictly, in eval mode.
 
@@ -538,20 +718,16 @@ def load_checkpoint(path, grids=None, map_location="cpu", weights_only=True, **f
     (default ScaLR's (256,256),(256,32),(256,32)), gelu (ScaLR+), teacher_dims, drop_path from the arguments,
     else our checkpoint's 'config', else defaults. Flags override everything (a flag that contradicts the
     tensors gives a shape-mismatch error)."""
+    from data import DataFileError
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    obj = read_torch_file(path, "checkpoint", map_location, weights_only, trust_hint=(
+        "if you trust it, call load_checkpoint(..., weights_only=False) (CLI: --trust-pickle)"))
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=weights_only)
-    except pickle.UnpicklingError as err:
-        first_line = str(err).splitlines()[0]
-        raise ValueError(f"{path}: torch.load(weights_only=True) refused this file ({first_line}). If you trust "
-                         "it, call load_checkpoint(..., weights_only=False) (CLI: --trust-pickle)") from err
-    state_dict = extract_state_dict(obj, path)
-    try:
+        state_dict = extract_state_dict(obj, path)
         config = infer_config(state_dict)
-    except ValueError as err:
-        raise ValueError(f"{path}: {err}") from err
+    except ValueError as err:  # a valid torch file of another kind (an optimizer state, another network, ...)
+        raise DataFileError(f"not a WaffleIron checkpoint: {str(err).removeprefix(f'{path}: ')}", path,
+                            "pass a model.pth of our stages or a released ScaLR / WaffleIron checkpoint") from None
     config.update(_saved_model_config(obj))
     config.update(flags)
     if grids is not None:
@@ -562,7 +738,7 @@ def load_checkpoint(path, grids=None, map_location="cpu", weights_only=True, **f
     model = WaffleIron(**config)
     problems = state_dict_mismatch(model, state_dict)
     if problems:
-        raise ValueError(f"{path} does not match WaffleIron({', '.join(f'{k}={v}' for k, v in config.items())}): "
+        raise DataFileError(f"{path} does not match WaffleIron({', '.join(f'{k}={v}' for k, v in config.items())}): "
                          f"{problems}. Is it a ScaLR/WaffleIron checkpoint, and do the flags agree with it?")
     model.load_state_dict(state_dict, strict=True)
     return model.eval()
@@ -788,33 +964,75 @@ def _fsync_dir(folder):
             os.close(fd)
 
 
+def _remove_stale_temp_files(path, keep):
+    """Remove `.NAME.<pid>.tmp` files left next to `path` by a save that was killed (SIGKILL, power loss)."""
+    import glob
+    for stale in glob.glob(os.path.join(glob.escape(str(path.parent)), f".{glob.escape(path.name)}.*.tmp")):
+        if Path(stale) != keep:
+            with contextlib.suppress(OSError):
+                os.unlink(stale)
+
+
 def save_checkpoint(path, **state):
     """torch.save(state, path) atomically: write a temp file in the same folder, flush + fsync, then os.replace.
 
     A crash or an exception mid-write (NaN check, Ctrl-C, full disk) leaves the previous `path` intact and removes
-    the temp file, so `--resume` never meets a truncated checkpoint. Call it on rank 0 only (`if is_main()`)."""
+    the temp file, so `--resume` never meets a truncated checkpoint; temp files of an earlier killed save are
+    removed here. A failed write (full disk, quota, read-only folder) raises one data.UserError naming `path`.
+    Call it on rank 0 only (`if is_main()`)."""
     path = Path(path)
     if 'config' in state:  # Path objects, numpy scalars... -> plain types (loadable with weights_only=True)
         state['config'] = _plain(state['config'])
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise PermissionError(f"cannot create the output folder {path.parent} ({err}); pass a writable --out") from err
+        raise _checkpoint_write_error(f"cannot create the output folder ({err.strerror or err})", path.parent,
+                                      "pass a writable --out") from None
     tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')  # same folder => os.replace is an atomic rename
+    _remove_stale_temp_files(path, keep=tmp)
     try:
         with open(tmp, 'wb') as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except PermissionError as err:
-        raise PermissionError(f"cannot write checkpoint {path} ({err}): the output folder is not writable; "
-                              f"pass another --out") from err
+    except (OSError, RuntimeError) as err:  # torch's zip writer reports a failed write as "unexpected pos ..."
+        raise _checkpoint_write_error(f"cannot write the checkpoint: {_write_failure(err, path.parent)}", path,
+                                      "free some disk space or pass another --out; the previous checkpoint, if "
+                                      "any, is intact") from err
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink()  # only exists if something failed before the rename
     _fsync_dir(path.parent)
     return path
+
+
+_WRITE_ERROR_CLASS = []
+
+
+def _checkpoint_write_error(what, where, todo):
+    """A data.UserError that is also an OSError (callers that catch OSError for a failed write still do)."""
+    if not _WRITE_ERROR_CLASS:
+        from data import UserError
+
+        class CheckpointWriteError(UserError, OSError):
+            """A checkpoint could not be written (full disk, quota, read-only folder)."""
+        _WRITE_ERROR_CLASS.append(CheckpointWriteError)
+    return _WRITE_ERROR_CLASS[0](what, where, todo)
+
+
+def _write_failure(err, folder):
+    """Why a write failed, in words: the errno's text, else (torch's RuntimeError) the free space left."""
+    import errno
+    import shutil
+    if isinstance(err, OSError) and err.errno is not None:
+        return {errno.ENOSPC: 'no space left on the device', errno.EDQUOT: 'disk quota exceeded'}.get(
+            err.errno, err.strerror or str(err))
+    with contextlib.suppress(OSError):
+        free = shutil.disk_usage(folder).free
+        if free < 64 * 2**20:
+            return f'the disk is full ({free / 2**20:.1f} MiB free)'
+    return f'the write failed ({(str(err).splitlines() or [""])[0][:120]})'
 
 
 def rng_state():
@@ -894,17 +1112,20 @@ def training_state(model, optimizer=None, scheduler=None, scaler=None, epoch=0, 
 
 
 def load_training_checkpoint(path, map_location='cpu'):
-    """torch.load of one of our checkpoints (weights_only=True: no code runs), with a clear error if it is missing."""
+    """torch.load of one of our checkpoints (weights_only=True: no code runs); a missing, truncated or foreign file
+    ends in one data.UserError naming it (read_torch_file)."""
+    from data import DataFileError, MissingDataFileError
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}: run once without --resume, or point --out/--ckpt to the "
-                                f"folder of a previous run")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(f"{path} holds objects other than tensors and plain python values, so it was not written by "
-                         f"training_state/save_checkpoint (or its config holds a custom object). Inspect it with "
-                         f"torch.load(weights_only=False) only if you trust it. Details: {str(err)[:300]}") from err
+        raise MissingDataFileError("no checkpoint there", path, "run once without --resume, or point --out/"
+                                   "--ckpt to the folder of a previous run")
+    state = read_torch_file(path, "checkpoint", map_location, trust_hint=(
+        "it was not written by training_state/save_checkpoint (or its config holds a custom object); inspect it "
+        "with torch.load(weights_only=False) only if you trust it"))
+    if not isinstance(state, dict):
+        raise DataFileError(f"not a training checkpoint (it holds a {type(state).__name__})", path,
+                            "pass the ckpt_last.pth of a previous run")
+    return state
 
 
 RUN_FILES = ('ckpt_last.pth', 'log.csv', 'model.pth', 'results.json')  # what makes a folder "a previous run"
@@ -1251,17 +1472,20 @@ def lovasz_softmax(probs, labels, classes='present'):
     M, K = probs.shape
     if M == 0:
         return probs.sum()  # 0.0, no valid point
-    fg = F.one_hot(labels, K).to(probs.dtype)  # (M, K) 1[y_i = c]
-    errors = (fg - probs).abs()  # (M, K) m_i(c)
-    errors_sorted, perm = torch.sort(errors, dim=0, descending=True)  # (M, K), each class sorted independently
-    fg_sorted = fg.gather(0, perm)  # (M, K)
-    gts = fg.sum(0)  # (K,) |{y = c}|
+    # class-major (K, M): each class's errors are one contiguous row, so the sort runs along the last axis
+    # (5x faster on CPU than sorting the columns of an (M, K) tensor; the loss does not depend on tie order)
+    fg = F.one_hot(labels, K).to(probs.dtype).t().contiguous()  # (K, M) 1[y_i = c]
+    errors = (fg - probs.t()).abs()  # (K, M) m_i(c)
+    errors_sorted, perm = torch.sort(errors, dim=1, descending=True)  # (K, M), each class sorted independently
+    fg_sorted = fg.gather(1, perm)  # (K, M)
+    gts = fg.sum(1, keepdim=True)  # (K, 1) |{y = c}|
     # with S_i = the i largest errors: |{y=c} \ S_i| = gts - cumsum(fg), |{y=c} u S_i| = gts + cumsum(1 - fg)
-    intersection = gts - fg_sorted.cumsum(0)  # (M, K)
-    union = gts + (1.0 - fg_sorted).cumsum(0)  # (M, K), always >= 1
-    jaccard = 1.0 - intersection / union  # (M, K) Delta_J(S_i)
-    grad = torch.cat([jaccard[:1], jaccard[1:] - jaccard[:-1]], dim=0)  # (M, K) g_i, Delta_J(empty) = 0
-    per_class = (errors_sorted * grad).sum(0)  # (K,) Lovász extension per class
+    intersection = gts - fg_sorted.cumsum(1)  # (K, M)
+    union = gts + (1.0 - fg_sorted).cumsum(1)  # (K, M), always >= 1
+    jaccard = 1.0 - intersection / union  # (K, M) Delta_J(S_i)
+    grad = torch.cat([jaccard[:, :1], jaccard[:, 1:] - jaccard[:, :-1]], dim=1)  # (K, M) g_i, Delta_J(empty) = 0
+    per_class = (errors_sorted * grad).sum(1)  # (K,) Lovász extension per class
+    gts = gts[:, 0]  # (K,)
     if classes == 'present':
         return per_class[gts > 0].mean()
     if classes == 'all':
@@ -1577,30 +1801,38 @@ def read_scan_file(path, dataset=None):
     """Read a scan -> (points (N, 4) float32 x, y, z, intensity in native units, dataset name for intensity stats).
 
     .npy: (N, 4) array (default dataset nuscenes, the ScaLR pretraining setting); .pcd.bin: nuScenes, 5 float32
-    columns (x, y, z, intensity, ring); other .bin: KITTI, 4 float32 columns (dataset semantic_kitti)."""
+    columns (x, y, z, intensity, ring); other .bin: KITTI, 4 float32 columns (dataset semantic_kitti).
+    Every unreadable file ends in one data.UserError naming it (a FileNotFoundError / ValueError)."""
+    from data import DataFileError, MissingDataFileError
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"scan {path} does not exist")
+        raise MissingDataFileError(f"scan {path} does not exist", "--scan", "check the path")
     name = path.name.lower()
     if name.endswith(".npy"):
-        points = np.load(path, allow_pickle=False)
+        try:
+            points = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as err:  # truncated, a pickled object array, not a .npy at all
+            raise DataFileError(f"scan {path} is not a readable .npy array ({str(err).splitlines()[0][:120]})",
+                                "--scan", "save the scan with np.save(path, points.astype(np.float32))") from None
         if points.ndim != 2 or points.shape[1] != 4:
-            raise ValueError(f"{path}: expected an (N, 4) array [x, y, z, intensity], got shape {points.shape}; "
-                             "slice your array to these 4 columns first")
+            raise DataFileError(f"scan {path}: expected an (N, 4) array [x, y, z, intensity], got shape "
+                                f"{points.shape}", "--scan", "slice your array to these 4 columns first")
         dataset = dataset or "nuscenes"
     elif name.endswith(".bin"):
-        raw = np.fromfile(path, dtype=np.float32)
         nuscenes = name.endswith(".pcd.bin") if dataset is None else dataset == "nuscenes"
         columns = 5 if nuscenes else 4
-        if raw.size % columns:
-            raise ValueError(f"{path}: {raw.size} float32 values is not a multiple of {columns} columns "
-                             f"({'nuScenes .pcd.bin' if nuscenes else 'KITTI .bin'}); pass --dataset to say which")
-        points = raw.reshape(-1, columns)[:, :4]
+        size = path.stat().st_size
+        if size % (4 * columns):  # a cut-off download or another format: refuse rather than misalign columns
+            raise DataFileError(f"scan {path} is truncated or not a {'nuScenes .pcd.bin' if nuscenes else 'KITTI .bin'}"
+                                f": {size} bytes is not a multiple of {columns} float32 values ({4 * columns}-byte "
+                                "records)", "--scan", "copy the file again, or pass --dataset to say which format")
+        points = np.fromfile(path, dtype=np.float32).reshape(-1, columns)[:, :4]
         dataset = dataset or ("nuscenes" if nuscenes else "semantic_kitti")
     else:
-        raise ValueError(f"{path}: unsupported scan file; use .npy (N, 4), nuScenes .pcd.bin or KITTI .bin")
+        raise DataFileError(f"unsupported scan file {path}", "--scan",
+                            "use .npy (N, 4), nuScenes .pcd.bin or KITTI .bin")
     if len(points) == 0:
-        raise ValueError(f"{path}: the scan is empty (0 points)")
+        raise DataFileError(f"scan {path} is empty (0 points)", "--scan", "pass a scan with points")
     return np.ascontiguousarray(points, dtype=np.float32), dataset
 
 
@@ -1615,21 +1847,31 @@ def parse_grids(text):
 
 
 @torch.no_grad()
-def scan_features(model, points, dataset, cfg, layer="backbone"):
+def scan_features(model, points, dataset, cfg, layer="backbone", source=None):
     """Per-point features of one scan, one row per input row, in input order: (N, C) float32 numpy.
 
-    Rows with NaN/inf are dropped before preprocessing (with a warning) and, like the points outside the FOV or
-    merged by voxelisation, get the feature of their nearest kept point (NaN coordinates read as 0)."""
+    Rows with NaN/inf are dropped before preprocessing (with a warning; `source`, the file, given: the one-line
+    warning of data.drop_nonfinite naming it) and, like the points outside the FOV or merged by voxelisation, get
+    the feature of their nearest kept point (NaN coordinates read as 0)."""
     import data  # lazy: data.py imports scipy
-    finite = np.isfinite(points).all(axis=1)
+    finite = np.isfinite(points[:, :4]).all(axis=1)
     if not finite.all():
-        warnings.warn(f"{(~finite).sum()} of {len(points)} points have NaN/inf values: dropped from the input, "
-                      "they get their nearest kept point's feature")
+        if source is not None:
+            data.drop_nonfinite(points, source)
+        else:
+            warnings.warn(f"{(~finite).sum()} of {len(points)} points have NaN/inf values: dropped from the input, "
+                          "they get their nearest kept point's feature")
     if not finite.any():
-        raise ValueError("every point of the scan has NaN/inf values")
-    sample = data.prepare_scan(points[finite], dataset, cfg, train=False)
+        raise data.DataFileError(f"every point of the scan {source or ''} has NaN/inf values", source,
+                                 "check the file")
+    try:
+        sample = data.prepare_scan(points[finite], dataset, cfg, train=False)
+    except ValueError as err:  # e.g. no point inside the FOV
+        raise data.DataFileError(f"{str(err).splitlines()[0]}", source or "scan",
+                                 "check the scan's units (metres) and --fov-min / --fov-max") from None
     if len(sample["kept"]) == 0:
-        raise ValueError(f"no point of the scan lies inside the field of view {cfg.fov_min} .. {cfg.fov_max}")
+        raise data.DataFileError(f"no point of the scan lies inside the field of view {cfg.fov_min} .. "
+                                 f"{cfg.fov_max}", source or "scan", "check --fov-min / --fov-max")
     batch = data.collate([sample])
     model.eval()
     device = next(model.parameters()).device
@@ -1662,11 +1904,18 @@ def features_main(argv):
                    help="2D grids for projections along z, y, x (ScaLR: 256x256,256x32,256x32)")
     p.add_argument("--voxel", type=float, default=None, help="voxel size, m (official.md §3.2: 0.1)")
     p.add_argument("--gelu", action="store_true", help="ScaLR+ backbone (GELU); not visible in the tensors")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (computation stays fp32)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (computation stays fp32)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: PyTorch's, one per core)")
     p.add_argument("--trust-pickle", action="store_true",
                    help="torch.load(weights_only=False): only for checkpoint files you trust")
     args = p.parse_args(argv)
     import data
+    device = resolve_device(args.device)  # before any file is read: --device cuda without a GPU is refused here
+    if args.threads is not None:
+        if args.threads < 1:
+            p.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     toy_formats = {"toy": "nuscenes", "toy_kitti": "semantic_kitti"}  # the toy worlds use their format's stats
     if args.dataset is not None and toy_formats.get(args.dataset, args.dataset) not in data.INTENSITY_STATS:
         p.error(f"--dataset {args.dataset!r} has no intensity statistics; choose one of {list(data.INTENSITY_STATS)}")
@@ -1678,10 +1927,14 @@ def features_main(argv):
     cfg = dataclasses.replace(cfg, max_points=None, **overrides)
     flags = {"gelu": True} if args.gelu else {}
     model = load_checkpoint(args.ckpt, grids=cfg.grids, weights_only=not args.trust_pickle, **flags)
-    model = model.to(args.device)
-    features = scan_features(model, points, dataset, cfg, args.layer)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    np.save(args.out, features)
+    model = model.to(device)
+    features = scan_features(model, points, dataset, cfg, args.layer, source=args.scan)
+    try:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        np.save(args.out, features)
+    except OSError as err:
+        raise data.UserError(f"cannot write {args.out} ({err.strerror or err})", "--out",
+                             "pass a writable path with free space") from None
     print(f"wrote {args.out}: {features.shape[0]} points x {features.shape[1]} {args.layer} features")
 
 
@@ -1760,29 +2013,74 @@ def bench_variants(model, inputs, impls, compiled, amp):
     return variants
 
 
-def run_bench(opts):
+def scan_batch(path, batch, device="cpu"):
+    """`batch` copies of one real scan, preprocessed as the `features` job does (ScaLR pretraining grid, eval)."""
+    import data
+    points, dataset = read_scan_file(path)
+    cfg = dataclasses.replace(data.grid_config(dataset, "pretrain"), max_points=None)
+    sample = data.prepare_scan(points[np.isfinite(points).all(1)], dataset, cfg, train=False)
+    b = data.collate([sample] * batch)
+    return [b[k].to(device) for k in ("feat", "cells", "neighbors", "occupied")]
+
+
+def forward_parts_ms(model, inputs, device):
+    """Eval forward of our implementation split into its parts: {part: ms} (embedding, the per-batch plane
+    indices, the L spatial mixings, the L channel mixings)."""
+    feat, cells, neighbors, occupied = inputs
+    parts = dict.fromkeys(("embedding", "plane indices", "spatial mixing", "channel mixing"), 0.0)
+    model.eval()
+    with torch.no_grad():
+        box = {}
+        parts["embedding"] = _timed_ms(lambda: box.update(t=model.embed(feat, neighbors)), device)[0]
+        parts["plane indices"] = _timed_ms(
+            lambda: box.update(p=projection_indices(cells, occupied, model.grids)), device)[0]
+        trunk = model.waffleiron
+        for l, (spatial, channel) in enumerate(zip(trunk.spatial_mix, trunk.channel_mix)):
+            parts["spatial mixing"] += _timed_ms(lambda: box.update(t=spatial(box["t"], box["p"][l % 3])), device)[0]
+            parts["channel mixing"] += _timed_ms(lambda: box.update(t=channel(box["t"])), device)[0]
+    return parts
+
+
+def run_bench(opts, extras=None):
     """Time every variant, interleaved (ours, naive, ours, ...) so that load from other processes hits all of
-    them alike; report the fastest of `repeats` runs after one warm-up (which also compiles)."""
+    them alike; report the fastest of `repeats` runs after one warm-up (which also compiles).
+    Per variant: forward (eval), forward+backward, and a training step = forward+backward+AdamW step.
+    extras (a dict, optional) receives 'parts' (forward_parts_ms of ours) and 'points' (real points per scan)."""
     torch.manual_seed(0)
     device = torch.device(opts["device"])
     model = WaffleIron(5, opts["width"], opts["depth"], head=None, checkpointing=opts["checkpointing"]).to(device)
-    inputs = synthetic_batch(opts["batch"], opts["points"], opts["k"], model.grids, device=device)
+    inputs = (scan_batch(opts["scan"], opts["batch"], device) if opts.get("scan") else
+              synthetic_batch(opts["batch"], opts["points"], opts["k"], model.grids, device=device))
     variants = bench_variants(model, inputs, opts["impls"], opts["compile"], opts["amp"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+
+    def train_step(forward_backward):
+        optimizer.zero_grad(set_to_none=True)
+        forward_backward()
+        optimizer.step()
+
     results = {}
     for key, (forward, forward_backward) in list(variants.items()):  # warm-up; drop what fails to compile
         try:
-            forward(), forward_backward()
-            results[key] = dict(fwd=[], fwd_bwd=[], fwd_bwd_cpu=[], peak=_memory_mib(forward_backward, device))
+            forward(), train_step(forward_backward)
+            results[key] = dict(fwd=[], fwd_bwd=[], fwd_bwd_cpu=[], step=[], step_cpu=[],
+                                peak=_memory_mib(forward_backward, device))
         except Exception as err:  # torch.compile may be unavailable (no C++ compiler, unsupported op, ...)
             print(f"[bench] {key[0]} compile={key[1]} failed, skipped: {type(err).__name__}: "
                   f"{str(err).splitlines()[0][:200]}", file=sys.stderr)
             variants.pop(key)
     for _ in range(opts["repeats"]):
         for key, (forward, forward_backward) in variants.items():
-            results[key]["fwd"].append(_timed_ms(forward, device)[0])
+            r = results[key]
+            r["fwd"].append(_timed_ms(forward, device)[0])
             wall, cpu = _timed_ms(forward_backward, device)
-            results[key]["fwd_bwd"].append(wall)
-            results[key]["fwd_bwd_cpu"].append(cpu)
+            r["fwd_bwd"].append(wall), r["fwd_bwd_cpu"].append(cpu)
+            wall, cpu = _timed_ms(lambda: train_step(forward_backward), device)
+            r["step"].append(wall), r["step_cpu"].append(cpu)
+    if extras is not None:
+        extras["points"] = int(inputs[3].sum()) // inputs[3].shape[0]
+        if "ours" in opts["impls"]:
+            extras["parts"] = forward_parts_ms(model, inputs, device)
     if opts["amp"] == "none" and "naive" in opts["impls"]:
         model.eval()
         with torch.no_grad():  # the numbers must not depend on the implementation
@@ -1791,51 +2089,79 @@ def run_bench(opts):
     return results
 
 
-def bench_main(argv):
-    p = argparse.ArgumentParser(prog="waffleiron.py --bench", description="Forward and forward+backward time and "
-                                "peak memory of our WaffleIron vs a direct implementation of the official layout.")
-    p.add_argument("--bench", action="store_true", help="run the benchmark")
-    p.add_argument("--width", type=int, default=64, help="F (paper: 256 or 768; small default for a 2-core CPU)")
-    p.add_argument("--depth", type=int, default=48, help="L (paper: WI-48-256 and WI-48-768)")
-    p.add_argument("--points", type=int, default=20000, help="points per scan (official LimitNumPoints: 20000)")
-    p.add_argument("--batch", type=int, default=1, help="scans per batch (ScaLR WI-768 pretraining: 8)")
-    p.add_argument("--k", type=int, default=16, help="neighbours of the embedding (official.md §3.6: 16)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none",
-                   help="autocast dtype (ScaLR: fp16, ScaLR+: bf16, official.md §9)")
-    p.add_argument("--compile", action="store_true", help="also time torch.compile'd versions (skipped on failure)")
-    p.add_argument("--checkpointing", action="store_true",
-                   help="activation checkpointing of our implementation (ScaLR+, official.md §9)")
-    p.add_argument("--impl", choices=["both", "ours", "naive"], default="both", help="implementations to time")
-    p.add_argument("--repeats", type=int, default=2, help="timed runs per variant after one warm-up (fastest kept)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads (0: PyTorch default; 1 gives steadier figures on a shared machine)")
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    opts = dict(vars(args), impls=["ours", "naive"] if args.impl == "both" else [args.impl])
-    results = run_bench(opts)
-    print(f"\nWaffleIron F={args.width} L={args.depth}, batch {args.batch} x {args.points} points, k={args.k}, "
-          f"device {args.device} ({torch.get_num_threads()} threads), amp {args.amp}, "
-          f"checkpointing {args.checkpointing}; fastest of {args.repeats} runs\n")
-    print("| impl | torch.compile | fwd ms | fwd+bwd ms | fwd+bwd CPU ms | train scans/s | memory MiB |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+def print_bench(args, results, extras):
+    """The bench's tables (markdown)."""
+    print(f"\nWaffleIron F={args.width} L={args.depth}, batch {args.batch} x {extras['points']} points "
+          f"({args.scan or 'synthetic, uniform random cells'}), k={args.k}, device {args.device} "
+          f"({torch.get_num_threads()} threads), amp {args.amp}, checkpointing {args.checkpointing}; "
+          f"fastest of {args.repeats} runs\n")
+    print("| impl | torch.compile | fwd ms | fwd+bwd ms | train step ms | train step CPU ms | train scans/s | memory MiB |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for (impl, compiled), r in ((k, v) for k, v in results.items() if isinstance(k, tuple)):
-        fwd, fwd_bwd, cpu = min(r["fwd"]), min(r["fwd_bwd"]), min(r["fwd_bwd_cpu"])
-        print(f"| {impl} | {'yes' if compiled else 'no'} | {fwd:.1f} | {fwd_bwd:.1f} | {cpu:.1f} | "
-              f"{args.batch / fwd_bwd * 1e3:.2f} | {r['peak']:.0f} |")
+        step = min(r["step"])
+        print(f"| {impl} | {'yes' if compiled else 'no'} | {min(r['fwd']):.1f} | {min(r['fwd_bwd']):.1f} | "
+              f"{step:.1f} | {min(r['step_cpu']):.1f} | {args.batch / step * 1e3:.2f} | {r['peak']:.0f} |")
     if ("ours", False) in results and ("naive", False) in results:
         ours, naive = results[("ours", False)], results[("naive", False)]
         print(f"\nspeed-up ours vs naive (eager): forward {min(naive['fwd']) / min(ours['fwd']):.2f}x, "
-              f"forward+backward {min(naive['fwd_bwd']) / min(ours['fwd_bwd']):.2f}x "
-              f"(CPU time {min(naive['fwd_bwd_cpu']) / min(ours['fwd_bwd_cpu']):.2f}x)")
+              f"train step {min(naive['step']) / min(ours['step']):.2f}x "
+              f"(CPU time {min(naive['step_cpu']) / min(ours['step_cpu']):.2f}x)")
+    if "parts" in extras:
+        total = sum(extras["parts"].values())
+        print("\n| part of our eval forward | ms | share |\n|---|---:|---:|")
+        for part, ms in extras["parts"].items():
+            print(f"| {part} | {ms:.1f} | {100 * ms / total:.0f} % |")
     if "max_abs_diff" in results:
-        print(f"max |ours - naive| (fp32 eval forward) = {results['max_abs_diff']:.2e}")
+        print(f"\nmax |ours - naive| (fp32 eval forward) = {results['max_abs_diff']:.2e}")
     what = "torch.cuda.max_memory_allocated" if args.device.startswith("cuda") else "tensors saved for backward"
-    print(f"memory MiB = {what} in one forward+backward; train scans/s = batch / fwd+bwd (no optimizer step)")
+    print(f"memory MiB = {what} in one forward+backward; train step = forward + backward (loss: mean of squared "
+          f"features) + AdamW step; train scans/s = batch / train step")
 
 
-def main(argv):
+def bench_main(argv):
+    p = argparse.ArgumentParser(prog="waffleiron.py --bench", description="Forward, forward+backward and training "
+                                "step time and peak memory of our WaffleIron vs a direct implementation of the "
+                                "official layout, and the share of each part of our forward.")
+    p.add_argument("--bench", action="store_true", help="run the benchmark")
+    p.add_argument("--width", type=data_positive_int(), default=64,
+                   help="F (paper: 256 or 768; small default for a 2-core CPU)")
+    p.add_argument("--depth", type=data_positive_int(), default=48, help="L (paper: WI-48-256 and WI-48-768)")
+    p.add_argument("--points", type=data_positive_int(), default=20000,
+                   help="points per synthetic scan (official LimitNumPoints: 20000)")
+    p.add_argument("--scan", default=None, help="time on this real scan (.npy / .pcd.bin / .bin, preprocessed as "
+                   "`features` does) instead of synthetic inputs; the grids of a real scan are mostly empty")
+    p.add_argument("--batch", type=data_positive_int(), default=1, help="scans per batch (ScaLR WI-768 "
+                   "pretraining: 8)")
+    p.add_argument("--k", type=data_positive_int(), default=16, help="neighbours of the embedding (official: 16)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none",
+                   help="autocast dtype (ScaLR: fp16, ScaLR+: bf16)")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile'd versions (skipped on failure)")
+    p.add_argument("--checkpointing", action="store_true",
+                   help="activation checkpointing of our implementation (ScaLR+)")
+    p.add_argument("--impl", choices=["both", "ours", "naive"], default="both", help="implementations to time")
+    p.add_argument("--repeats", type=data_positive_int(), default=2,
+                   help="timed runs per variant after one warm-up (fastest kept)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0: PyTorch default; 1 gives steadier figures on a shared machine)")
+    args = p.parse_args(argv)
+    args.device = str(resolve_device(args.device))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    opts = dict(vars(args), impls=["ours", "naive"] if args.impl == "both" else [args.impl])
+    extras = {}
+    results = run_bench(opts, extras)
+    print_bench(args, results, extras)
+
+
+def data_positive_int():
+    """data.positive_int (argparse type), imported when the parser is built."""
+    import data
+    return data.positive_int
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["features"]:
         return features_main(argv[1:])
     if "--bench" in argv:
@@ -1848,4 +2174,10 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    import data
+    data.run_main(main)
+    # The command is done and its output file closed: skip the interpreter's teardown of torch (finalising its
+    # thousands of modules and objects takes ~1.2 s on a 2-core CPU, a sixth of a whole `features` job).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
