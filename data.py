@@ -1659,12 +1659,18 @@ class SegmentationDataset(_torch_dataset_base()):
     def __len__(self):
         return len(self.indices)
 
-    def __getitem__(self, j):
+    def raw_item(self, j):
+        """(scan index i, its reader, index in the reader, raw labels, seed of this item's train randomness drawn
+        from torch's RNG, so DataLoader workers and the global seed decide it; None in eval)."""
         import torch
         i = self.indices[j]
         sub, k = self.ds.sub(i) if hasattr(self.ds, "sub") else (self.ds, i)
-        labels = sub.labels(k)
-        rng = np.random.default_rng(int(torch.randint(0, 2 ** 62, (1,)).item())) if self.train else None
+        seed = int(torch.randint(0, 2 ** 62, (1,)).item()) if self.train else None
+        return i, sub, k, sub.labels(k), seed
+
+    def __getitem__(self, j):
+        i, sub, k, labels, seed = self.raw_item(j)
+        rng = np.random.default_rng(seed) if seed is not None else None
         try:
             sample = prepare_scan(sub.points(k), sub.name, self.cfg, self.train, rng=rng, labels=labels)
         except NoPointInFovError as err:  # name the scan (the caller may skip and count it)
@@ -1931,24 +1937,13 @@ def prepare_batch_t(points, dataset_names, cfg, train, rngs=None, labels=None, d
     return out
 
 
-class RawScanDataset(_torch_dataset_base()):
+class RawScanDataset(SegmentationDataset):
     """The --preprocess-on device twin of SegmentationDataset: items are the RAW scan (points, labels, dataset
     name, scan id) and the seed of its train randomness, drawn from torch's RNG exactly as SegmentationDataset
     draws it, so the same torch seed gives the same batch; prepare_raw_batch_t does the rest on the device."""
 
-    def __init__(self, ds, cfg, train, subset=None):
-        base = SegmentationDataset(ds, cfg, train, subset)  # same checks, same labelled-scan list
-        self.ds, self.cfg, self.train, self.indices = ds, cfg, train, base.indices
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, j):
-        import torch
-        i = self.indices[j]
-        sub, k = self.ds.sub(i) if hasattr(self.ds, "sub") else (self.ds, i)
-        labels = sub.labels(k)
-        seed = int(torch.randint(0, 2 ** 62, (1,)).item()) if self.train else None
+    def __getitem__(self, j):  # same checks, same labelled-scan list and same draws as SegmentationDataset
+        i, sub, k, labels, seed = self.raw_item(j)
         return dict(points=sub.points(k), labels=labels, name=sub.name, scan_id=self.ds.scan_id(i), seed=seed)
 
 

@@ -4053,17 +4053,7 @@ _H_CALIB = ("P2: 700 0 600 0 0 700 180 0 0 0 1 0\n"
 
 
 # ---------------------------------------------------------------------------------------------- small builders
-def _h_kitti_tree(root, seqs, n, labels=True):
-    """SemanticKITTI tree: n scans of 20 random points (+-5 m) per sequence, raw label 40 (road) everywhere."""
-    for s in seqs:
-        d = root / "dataset" / "sequences" / s
-        (d / "velodyne").mkdir(parents=True)
-        (d / "labels").mkdir()
-        for k in range(n):
-            np.random.default_rng(k).uniform(-5, 5, (20, 4)).astype(np.float32).tofile(d / "velodyne" / f"{k:06d}.bin")
-            if labels:
-                np.full(20, 40 | (7 << 16), np.uint32).tofile(d / "labels" / f"{k:06d}.label")
-    return root
+_h_kitti_tree = _data_write_kitti_tree  # the SemanticKITTI tree builder of the data tests above
 
 
 def _h_warnings(capsys):
