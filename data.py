@@ -491,7 +491,7 @@ def _inside_root(rel, root, where):
 
 
 class _LidarDataset:
-    """Shared behaviour of the readers (see CONTRACT 'Datasets')."""
+    """Shared behaviour of the readers: points(i), labels(i), project(i, cam), scan_id(i), non-finite rows dropped."""
     name = None
 
     @property

@@ -66,7 +66,7 @@ def drop_rate(text):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--data", default="toy", choices=FINETUNE_DATASETS, help="downstream dataset (CONTRACT: defaults to the toy)")
+    a("--data", default="toy", choices=FINETUNE_DATASETS, help="downstream dataset (default: the toy world)")
     a("--root", default=None, help="dataset root (default: data.get_dataset's, data/toy for the toy)")
     a("--version", default=None, help="nuScenes version, e.g. v1.0-trainval (data.get_dataset default)")
     a("--ckpt", default=None, help="distilled checkpoint to finetune (default: newest runs/distill*/model.pth); "

@@ -69,7 +69,7 @@ TOY_POINTS = 512
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="toy", choices=PROBE_DATASETS,
-                   help="downstream dataset (CONTRACT: every stage defaults to the toy world)")
+                   help="downstream dataset (default: the toy world, as every stage)")
     p.add_argument("--root", default=None, help="dataset root (default: data.get_dataset's, data/toy for the toy)")
     p.add_argument("--version", default=None, help="nuScenes version, e.g. v1.0-trainval (data.get_dataset default)")
     p.add_argument("--ckpt", default=None,

@@ -31,7 +31,7 @@ import torch.nn as nn
 # official.md §4).
 #
 # Shapes: B scans per batch, N points per scan (zero-padded to the largest scan), F = width, k = 16 neighbours.
-# Interface (CONTRACT): feat (B, 5, N), cells (B, 3, N), neighbors (B, k, N) without the point itself,
+# Interface: feat (B, 5, N), cells (B, 3, N), neighbors (B, k, N) without the point itself,
 # occupied (B, N) bool; outputs and heads are channels-first (B, C, N) like the official code.
 #
 # Inside the trunk we keep the tokens TOKEN-MAJOR, (B, N, F) == (B*N, F) rows, instead of the official
