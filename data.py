@@ -51,7 +51,14 @@ def warn(message):
 
 
 def describe_error(err):
-    """The one line printed for an exception escaping a stage's main()."""
+    """The one line printed for an exception escaping a stage's main() (always a single line: an error re-raised
+    from a DataLoader worker carries the worker's whole traceback in its message; its last line is the error)."""
+    text = _describe_error(err)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[-1] if lines else type(err).__name__
+
+
+def _describe_error(err):
     import errno
     if isinstance(err, UserError):
         return str(err)

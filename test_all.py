@@ -5414,3 +5414,12 @@ def test_features_cli_truncated_checkpoint_is_one_line_without_traceback(tmp_pat
     lines = [line for line in run.stderr.splitlines() if line.strip()]
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert len(lines) == 1 and lines[0].startswith("error:") and "truncated" in lines[0] and str(cut) in lines[0]
+
+
+def test_error_line_is_one_line_even_for_a_dataloader_worker_error():
+    """torch re-raises a worker's error with the worker's traceback in the message: still one line, the error's."""
+    err = ValueError("Caught UserError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+                     "  File \"data.py\", line 1, in points\ndata.UserError: x.bin is truncated (x.bin): re-download it")
+    assert data.describe_error(err) == "data.UserError: x.bin is truncated (x.bin): re-download it"
+    assert data.describe_error(data.UserError("bad value", "--lr", "pass a positive number")) == \
+        "bad value (--lr): pass a positive number"
