@@ -1571,7 +1571,9 @@ def _train_ddp_worker(rank, port, out_dir):
     wi.ddp_cleanup()
 
 
-def test_ddp_two_gloo_processes(tmp_path):
+def _run_two_gloo_processes(worker, args, timeout_s=60):
+    """Start worker(rank, *args) in 2 processes (one gloo group, as torchrun would); skip the calling test where the
+    platform cannot, or where the run does not finish in timeout_s (an overloaded machine)."""
     import torch.multiprocessing as mp
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip('torch.distributed with gloo is not available on this platform')
@@ -1580,16 +1582,19 @@ def test_ddp_two_gloo_processes(tmp_path):
         # constructor imports torch._dynamo (seconds), so import it once here for both children
         importlib.import_module('torch._dynamo')
         method = 'fork' if 'fork' in mp.get_all_start_methods() else 'spawn'
-        ctx = mp.start_processes(_train_ddp_worker, args=(_train_free_port(), str(tmp_path)), nprocs=2, join=False,
-                                 start_method=method)
+        ctx = mp.start_processes(worker, args=args, nprocs=2, join=False, start_method=method)
     except Exception as err:  # e.g. no permission to start processes
         pytest.skip(f'cannot spawn 2 processes here: {err}')
-    deadline = time.time() + 60
+    deadline = time.time() + timeout_s
     while not ctx.join(timeout=1):
         if time.time() > deadline:
             for p in ctx.processes:
                 p.terminate()
-            pytest.skip('2-process gloo run did not finish in 60 s on this machine (overloaded?)')
+            pytest.skip(f'2-process gloo run did not finish in {timeout_s} s on this machine (overloaded?)')
+
+
+def test_ddp_two_gloo_processes(tmp_path):
+    _run_two_gloo_processes(_train_ddp_worker, (_train_free_port(), str(tmp_path)))
     res = [torch.load(tmp_path / f'rank{r}.pt', weights_only=False) for r in range(2)]
     assert [x['rank'] for x in res] == [0, 1] and all(x['world'] == 2 for x in res)
     assert [x['main'] for x in res] == [True, False] and res[0]['device'] == 'cpu'
@@ -3688,27 +3693,7 @@ def _loss_mean_ddp_worker(rank, port, out_dir):
 
 
 def test_loss_mean_scan_and_points_two_gloo_processes_equal_one_process(tmp_path):
-    import importlib
-    import socket
-    import torch.multiprocessing as mp
-    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.skip('torch.distributed with gloo is not available on this platform')
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
-    try:
-        importlib.import_module('torch._dynamo')  # DDP's constructor imports it: once here for both children
-        method = 'fork' if 'fork' in mp.get_all_start_methods() else 'spawn'
-        ctx = mp.start_processes(_loss_mean_ddp_worker, args=(port, str(tmp_path)), nprocs=2, join=False,
-                                 start_method=method)
-    except Exception as err:
-        pytest.skip(f'cannot spawn 2 processes here: {err}')
-    deadline = time.time() + 90
-    while not ctx.join(timeout=1):
-        if time.time() > deadline:
-            for p in ctx.processes:
-                p.terminate()
-            pytest.skip('2-process gloo run did not finish in 90 s on this machine (overloaded?)')
+    _run_two_gloo_processes(_loss_mean_ddp_worker, (_train_free_port(), str(tmp_path)), timeout_s=90)
     two = [torch.load(tmp_path / f'rank{r}.pt', weights_only=False) for r in range(2)]
     values = _scan_values()
     means = [v.mean().item() for v in values]
