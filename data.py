@@ -1687,6 +1687,48 @@ class SegmentationDataset(_torch_dataset_base()):
         return sample
 
 
+class ScorableScans(_torch_dataset_base()):
+    """A val SegmentationDataset whose scans that cannot be scored (no point inside the FOV, an empty or unreadable
+    scan: data.py raises ValueError / UserError) come back as {'unscorable': scan id, 'reason': text} instead of
+    ending the evaluation (or, before, a whole finetuning run after training)."""
+
+    def __init__(self, seg):
+        self.seg = seg
+
+    def __len__(self):
+        return len(self.seg)
+
+    def __getitem__(self, j):
+        try:
+            return self.seg[j]
+        except (ValueError, UserError) as err:
+            return {"unscorable": self.seg.ds.scan_id(self.seg.indices[j]), "reason": str(err)}
+
+
+def collate_scorable(samples):
+    """data.collate of the scorable scans, plus 'unscorable': [(scan id, reason)] of the others."""
+    good = [s for s in samples if "unscorable" not in s]
+    batch = collate(good) if good else {}
+    batch["unscorable"] = [(s["unscorable"], s["reason"]) for s in samples if "unscorable" in s]
+    return batch
+
+
+class ScoredBatches:
+    """Iterates a loader of collate_scorable batches, yielding only the scorable scans and recording the others
+    (a warning names each one)."""
+
+    def __init__(self, loader):
+        self.loader, self.skipped = loader, []
+
+    def __iter__(self):
+        for batch in self.loader:
+            for scan_id, reason in batch.pop("unscorable"):
+                self.skipped.append(scan_id)
+                warn(f"scan {scan_id} cannot be used and is skipped: {reason}")
+            if "feat" in batch:
+                yield batch
+
+
 # ==== [data] Metrics ====
 def confusion_matrix(gt, pred, num_classes):
     """(K, K) int64, rows = ground truth, columns = prediction; points labelled IGNORE are skipped

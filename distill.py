@@ -818,7 +818,7 @@ def student_outputs(model, batch, dims):
 PRESETS = {
     # toy: 288 scan passes (~6 CPU-minutes: a few minutes on 2 cores), not a paper setting. Batch 2 rather than 4
     # for the same compute: 144 updates lift the toy linear probe from 9.3 to 25.9 mIoU (random init: 10.3)
-    'toy': dict(width=64, depth=6, batch_size=2, epochs=60, warmup_epochs=1),
+    'toy': dict(width=wi.TOY_ARCH[0], depth=wi.TOY_ARCH[1], batch_size=2, epochs=60, warmup_epochs=1),
     # Supp. B.2 mono-dataset: WI-256, 19 epochs, batch 16, peak lr after 2 epochs
     'mono': dict(width=256, depth=48, batch_size=16, epochs=19, warmup_epochs=2),
     # Supp. B.2 multi-dataset: WI-256, batch 16, epochs per dataset below, peak lr after 3500 iterations
@@ -1147,13 +1147,6 @@ def load_data(args):
                              'check --root / --version / --split') from None
 
 
-def setup_device(args):
-    """--device (validated before any data is read) and the DDP layout: (rank, world, device)."""
-    dev = wi.resolve_device(None if args.device == 'auto' else args.device)
-    rank, world, device = wi.ddp_setup(device=dev.type)
-    return rank, world, (dev if world == 1 else device)
-
-
 def main(argv=None):
     args = parse_args(argv)
     if args.workers is None:
@@ -1162,7 +1155,7 @@ def main(argv=None):
         args.threads = 1
     if args.threads:
         torch.set_num_threads(args.threads)
-    rank, world, device = setup_device(args)
+    rank, world, device = wi.setup_device(args.device)  # --device checked before any data is read
     out = Path(args.out)
     plan = plan_teachers(args)  # unknown teacher, missing file, no weights on real data: refused now
     if wi.is_main():  # writable, not a previous run unless --resume / --overwrite (before any data is read)

@@ -30,7 +30,6 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import data
-import probe  # shared downstream helpers: setup_device, read_checkpoint, ScorableScans, ...
 import waffleiron as wi
 
 FINETUNE_DATASETS = [n for n in data.DATASET_NAMES if n != "merged"]
@@ -289,17 +288,17 @@ def build_model(args, cfg, num_classes):
     ckpt = wi.resolve_backbone_checkpoint(args.ckpt, "--scratch", args.scratch)
     if ckpt is not None and not args.scratch:
         # official §7: strip 'module.', build the pretrain-shaped model, load_state_dict(strict=True)
-        model = probe.read_checkpoint(ckpt, "--ckpt", grids=cfg.grids)
+        model = wi.load_checkpoint(ckpt, grids=cfg.grids)
         wi.check_backbone_shape(model, ckpt, args.width, args.depth)
         model = attach_segmentation_head(model, num_classes, ckpt)
         arch_from = ckpt
     else:
         if ckpt is not None:  # --scratch: the architecture of the checkpoint, none of its weights
-            shape = probe.read_checkpoint(ckpt, "--ckpt", grids=cfg.grids)
+            shape = wi.load_checkpoint(ckpt, grids=cfg.grids)
             width, depth = wi.backbone_width(shape), wi.backbone_depth(shape)
             arch_from = f"the architecture of {ckpt}"
         else:
-            width, depth = probe.default_architecture(args.data)  # toy: distill.py's toy preset; else WI-48-768
+            width, depth = wi.default_architecture(args.data)  # toy: WI-6-64; else WI-48-768
             width, depth = args.width or width, args.depth or depth
             arch_from = f"--width {width} --depth {depth}"
         torch.manual_seed(args.seed)
@@ -318,9 +317,9 @@ def evaluate_split(model, ds, cfg, args, device):
     because they cannot be scored, both summed over DDP ranks; number of scans evaluated). Val preprocessing:
     deterministic voxel point, no point limit, 1-NN upsampling (official §8)."""
     subset = list(range(min(len(ds), args.val_scans))) if args.val_scans else None
-    seg = probe.ScorableScans(data.SegmentationDataset(ds, cfg, train=False, subset=subset))
-    batches = probe.ScoredBatches(wi.make_loader(seg, args.batch_size, train=False,
-                                                 collate_fn=probe.collate_scorable, seed=args.seed,
+    seg = data.ScorableScans(data.SegmentationDataset(ds, cfg, train=False, subset=subset))
+    batches = data.ScoredBatches(wi.make_loader(seg, args.batch_size, train=False,
+                                                 collate_fn=data.collate_scorable, seed=args.seed,
                                                  workers=args.workers))
     cm = wi.evaluate(model, batches, len(ds.class_names), device, amp=args.amp)
     return cm, int(wi.all_reduce_sum(torch.tensor(len(batches.skipped))).item()), len(seg)
@@ -343,7 +342,7 @@ def eval_only(args, device):
     print(grid_text)
     val_ds = open_split(args, "val")
     names = list(val_ds.class_names)
-    model = probe.read_checkpoint(args.ckpt, "--ckpt", grids=cfg.grids)
+    model = wi.load_checkpoint(args.ckpt, grids=cfg.grids)
     have = segmentation_classes(model.classif)
     if have is None:
         raise SystemExit(f"{args.ckpt} has no segmentation head (a pretraining checkpoint?): finetune it first "
@@ -387,7 +386,7 @@ def finetune_config(args, model, ckpt, class_names, num_train_scans, cfg):
 
 def resume_state(path, config):
     """--resume: ckpt_last.pth of a finetuning run (not another stage's) with the same settings; returns it."""
-    st = probe.read_training_checkpoint(path)
+    st = wi.load_training_checkpoint(path)
     saved = dict(st.get("config") or {}) if isinstance(st.get("config"), dict) else {}
     saved.setdefault("stage", "an unknown stage")
     wi.check_resume_config(path, saved, config, keys=RESUME_KEYS, stage="finetune")
@@ -515,7 +514,7 @@ def main(argv=None):
         args.workers = 0 if is_toy(args) else 4
     if args.out is None:
         args.out = default_out(args) if not args.eval_only else str(Path(args.ckpt or ".").parent / "eval")
-    rank, world, device = probe.setup_device(args.device)
+    rank, world, device = wi.setup_device(args.device)
     out = Path(args.out)
     # before any data is read: an existing run is never overwritten by accident, --out must be writable
     wi.prepare_run_dir(out, args.resume and not args.eval_only, args.overwrite)
@@ -551,7 +550,7 @@ def main(argv=None):
     try:
         iters = train(args, model, train_loader, val_ds, cfg, config, device, out, st)
     except FloatingPointError as err:  # as distill.py: one line, the last good ckpt_last.pth kept
-        raise SystemExit(probe.diverged_message(err, out)) from None
+        raise SystemExit(wi.diverged_message(err, out)) from None
     finish(args, model, ckpt, class_names, val_ds, cfg, config, device, out, iters, t0)
     wi.ddp_cleanup()
 

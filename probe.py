@@ -201,51 +201,9 @@ def open_split(args, split):
 def ordered_loader(ds, cfg, batch_size, workers, indices):
     """DataLoader over scans `indices` in order, val-style preprocessing (deterministic voxel point, no point limit,
     no augmentation, 1-NN upsample index; official §3.3, §8)."""
-    seg = ScorableScans(data.SegmentationDataset(ds, cfg, train=False, subset=indices))
-    return ScoredBatches(DataLoader(seg, batch_size=batch_size, shuffle=False, num_workers=workers,
-                                    collate_fn=collate_scorable))
-
-
-class ScorableScans(torch.utils.data.Dataset):
-    """A val SegmentationDataset whose scans that cannot be scored (no point inside the FOV, an empty or unreadable
-    scan: data.py raises ValueError / UserError) come back as {'unscorable': scan id, 'reason': text} instead of
-    ending the evaluation (or, before, a whole finetuning run after training)."""
-
-    def __init__(self, seg):
-        self.seg = seg
-
-    def __len__(self):
-        return len(self.seg)
-
-    def __getitem__(self, j):
-        try:
-            return self.seg[j]
-        except (ValueError, data.UserError) as err:
-            return {"unscorable": self.seg.ds.scan_id(self.seg.indices[j]), "reason": str(err)}
-
-
-def collate_scorable(samples):
-    """data.collate of the scorable scans, plus 'unscorable': [(scan id, reason)] of the others."""
-    good = [s for s in samples if "unscorable" not in s]
-    batch = data.collate(good) if good else {}
-    batch["unscorable"] = [(s["unscorable"], s["reason"]) for s in samples if "unscorable" in s]
-    return batch
-
-
-class ScoredBatches:
-    """Iterates a loader of collate_scorable batches, yielding only the scorable scans and recording the others
-    (a warning names each one)."""
-
-    def __init__(self, loader):
-        self.loader, self.skipped = loader, []
-
-    def __iter__(self):
-        for batch in self.loader:
-            for scan_id, reason in batch.pop("unscorable"):
-                self.skipped.append(scan_id)
-                data.warn(f"scan {scan_id} cannot be used and is skipped: {reason}")
-            if "feat" in batch:
-                yield batch
+    seg = data.ScorableScans(data.SegmentationDataset(ds, cfg, train=False, subset=indices))
+    return data.ScoredBatches(DataLoader(seg, batch_size=batch_size, shuffle=False, num_workers=workers,
+                                         collate_fn=data.collate_scorable))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -260,48 +218,17 @@ def reinitialise(model, seed):
     return model
 
 
-PAPER_ARCH = (768, 48)  # WI-48-768, the paper's backbone (Supp. B.2): width, depth
-
-
-def default_architecture(data_name):
-    """(width, depth) of a backbone built without a checkpoint: on the toy worlds distill.py's toy preset (so a
-    baseline matches the distilled toy model, and does not build the paper's WI-48-768, an hour per toy probe on
-    a CPU); on real data the paper's WI-48-768."""
-    if data_name in ("toy", "toy_kitti"):
-        import distill  # lazy: the one place the toy preset is written down
-        return distill.PRESETS["toy"]["width"], distill.PRESETS["toy"]["depth"]
-    return PAPER_ARCH
-
-
-def read_checkpoint(path, flag, grids=None):
-    """waffleiron.load_checkpoint with every way a file can fail to be a WaffleIron checkpoint (a text file, a
-    truncated download, another model) ending as one data.UserError naming the file and the flag."""
-    import pickle
-    try:
-        return wi.load_checkpoint(path, grids=grids)
-    except data.UserError:
-        raise
-    except Exception as err:  # noqa: BLE001 - torch.load of a foreign file fails in many ways (IndexError too)
-        if isinstance(err, (KeyError, IndexError, pickle.UnpicklingError)):
-            reason = "not a file written by torch.save"  # e.g. a text file: torch.load reads a bad pickle key
-        else:
-            reason = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:120]}"
-        raise data.UserError(f"{path} is not a readable WaffleIron checkpoint ({reason})",
-                             flag, "pass a model.pth written by distill.py / probe.py / finetune.py or a released "
-                                   "ScaLR checkpoint (a truncated file: copy or download it again)") from None
-
-
 def build_model(args, cfg, num_classes):
     """Backbone from the checkpoint (or a random one) with the official probe head; returns (model, checkpoint
     whose weights are used or None, where the architecture came from)."""
     ckpt = wi.resolve_backbone_checkpoint(args.ckpt, "--random-init", args.random_init)
     if ckpt is not None:
-        model = read_checkpoint(ckpt, "--ckpt", grids=cfg.grids)
+        model = wi.load_checkpoint(ckpt, grids=cfg.grids)
         wi.check_backbone_shape(model, ckpt, args.width, args.depth)
         if args.random_init:
             model = reinitialise(model, args.seed)
     else:
-        width, depth = default_architecture(args.data)  # toy: distill.py's toy preset; else paper WI-48-768
+        width, depth = wi.default_architecture(args.data)  # toy: WI-6-64; else the paper's WI-48-768
         width, depth = args.width or width, args.depth or depth
         torch.manual_seed(args.seed)
         model = wi.WaffleIron(input_channels=5, feat_channels=width, depth=depth, nb_class=num_classes,
@@ -539,29 +466,13 @@ def probe_config(args, model, ckpt, class_names, cfg):
             "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
 
 
-def read_training_checkpoint(path):
-    """wi.load_training_checkpoint for --resume, every unreadable file (truncated, not a checkpoint) ending as one
-    data.UserError naming it."""
-    try:
-        st = wi.load_training_checkpoint(path)
-    except data.UserError:
-        raise
-    except FileNotFoundError:
-        raise
-    except Exception as err:  # noqa: BLE001 - as read_checkpoint
-        raise data.UserError(f"{path} is not a readable training checkpoint ({type(err).__name__}: "
-                             f"{(str(err).splitlines() or [''])[0][:200]})", "--resume",
-                             "start over with --overwrite, or pass another --out") from None
-    if not isinstance(st, dict):
-        raise data.UserError(f"{path} is not a training checkpoint (a {type(st).__name__})", "--resume",
-                             "start over with --overwrite, or pass another --out")
-    return st
+
 
 
 def check_resumable(path, config):
     """--resume: ckpt_last.pth must come from probing (not another stage) the same backbone on the same data with
     the same recipe (checked before any feature is computed); returns the checkpoint."""
-    st = read_training_checkpoint(path)
+    st = wi.load_training_checkpoint(path)
     saved = st.get("config")
     saved = dict(saved) if isinstance(saved, dict) else {}
     saved.setdefault("stage", "an unknown stage")
@@ -813,14 +724,6 @@ def draw_figures(model, ds, cfg, folder, n_scans, device, amp, center=False):
 # ----------------------------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------------------------
-def setup_device(name):
-    """--device checked before any data is read (wi.resolve_device: cuda without a GPU is refused), then DDP when
-    launched by torchrun (each process its local GPU). Returns (rank, world size, device)."""
-    want = wi.resolve_device(name)
-    rank, world, device = wi.ddp_setup(device=want.type)
-    return rank, world, (want if world == 1 else device)
-
-
 def evaluation_split(args, train_ds, val_ds):
     """(train scans used or None = all, dataset scored, its scans or None = all, its name): the val split, or with
     --holdout N the last N scans of the TRAIN split, left out of training (to choose a recipe without val)."""
@@ -832,13 +735,6 @@ def evaluation_split(args, train_ds, val_ds):
                              f"use at most {n - 1}")
     return list(range(n - args.holdout)), train_ds, list(range(n - args.holdout, n)), \
         f"train holdout (last {args.holdout} of {n} train scans)"
-
-
-def diverged_message(err, out):
-    """The one line of a NaN/inf loss (wi.check_finite): what happened and which checkpoint is the last good one."""
-    last = Path(out) / "ckpt_last.pth"
-    where = f"last good checkpoint: {last}" if last.is_file() else f"no checkpoint was written yet in {out}"
-    return f"error: {err} ({where})"
 
 
 def timing_summary(t_feat, t_head, t_eval, steps, cached):
@@ -869,7 +765,7 @@ def run_probe(args, model, ckpt, class_names, cfg, device, datasets, out):
     try:
         counts, steps = train_probe(args, model, train_src, val_src, config, device, out)
     except FloatingPointError as err:  # as distill.py: one line, the last good ckpt_last.pth kept
-        raise SystemExit(diverged_message(err, out)) from None
+        raise SystemExit(wi.diverged_message(err, out)) from None
     t2 = time.perf_counter()
     if wi.is_main():  # a finished training is never lost to a late failure
         wi.save_checkpoint(out / "model.pth", net=wi.official_state_dict(model), config=config)
@@ -893,7 +789,7 @@ def main(argv=None):
     args = resolve_defaults(parse_args(argv))
     if args.threads:
         torch.set_num_threads(args.threads)
-    rank, world, device = setup_device(args.device)
+    rank, world, device = wi.setup_device(args.device)
     out = Path(args.out)
     if not args.figures_only:  # before any data is read: an existing run is never overwritten by accident
         wi.prepare_run_dir(out, args.resume, args.overwrite)

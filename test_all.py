@@ -4863,8 +4863,8 @@ def test_probe_toy_recipe_is_full_batch_and_real_data_keeps_supp_b3():
 def test_toy_default_architecture_is_the_distill_toy_preset(tmp_path):
     import distill
     toy = (distill.PRESETS["toy"]["width"], distill.PRESETS["toy"]["depth"])
-    assert probe.default_architecture("toy") == probe.default_architecture("toy_kitti") == toy == (64, 6)
-    assert probe.default_architecture("nuscenes") == (768, 48)  # the paper's WI-48-768 on real data
+    assert wi.default_architecture("toy") == wi.default_architecture("toy_kitti") == toy == (64, 6)
+    assert wi.default_architecture("nuscenes") == (768, 48)  # the paper's WI-48-768 on real data
     with _in_empty_dir(tmp_path):
         args = probe.resolve_defaults(probe.parse_args(["--random-init"]))
         model, ckpt, _ = probe.build_model(args, data.grid_config("toy", "probe"), K)
@@ -4992,9 +4992,9 @@ def test_unreadable_ckpt_files_end_as_one_user_error(tiny, tmp_path):
     foreign = tmp_path / "foreign.pth"
     torch.save({"net": {"conv.weight": torch.zeros(2, 2)}}, foreign)
     for path in (text, truncated, foreign):
-        # (probe.read_checkpoint's message, or waffleiron.load_checkpoint's own UserError: both name the file)
+        # waffleiron.load_checkpoint's UserError names the file
         with pytest.raises(data.UserError) as err:
-            probe.read_checkpoint(path, "--ckpt")
+            wi.load_checkpoint(path)
         assert path.name in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(data.UserError, match="truncated.pth"):
         probe.main(_probe_argv(tiny, tmp_path / "o", "--ckpt", str(truncated)))
@@ -5003,7 +5003,7 @@ def test_unreadable_ckpt_files_end_as_one_user_error(tiny, tmp_path):
     bad = tmp_path / "bad_ckpt_last.pth"
     bad.write_text("x")
     with pytest.raises(data.UserError, match="bad_ckpt_last.pth"):
-        probe.read_training_checkpoint(bad)
+        wi.load_training_checkpoint(bad)
 
 
 def test_probe_holdout_scores_train_scans_left_out_of_training(tiny, tmp_path):
@@ -5081,10 +5081,10 @@ def test_scored_batches_count_and_drop_unscorable_scans():
             s = data.prepare_scan(pts, "nuscenes", data.GridConfig(), train=False, labels=np.zeros(50, np.int64))
             s["orig_labels"] = np.zeros(50, np.int64)
             return s
-    ds = probe.ScorableScans(Seg())
+    ds = data.ScorableScans(Seg())
     assert ds[1] == {"unscorable": "scan1", "reason": "no point of this toy scan lies inside the FOV"}
-    loader = torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=probe.collate_scorable)
-    batches = probe.ScoredBatches(loader)
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=data.collate_scorable)
+    batches = data.ScoredBatches(loader)
     got = list(batches)
     assert [int(b["feat"].shape[0]) for b in got] == [1, 1] and batches.skipped == ["scan1"]
 

@@ -1194,6 +1194,32 @@ def resolve_device(name=None):
     return dev
 
 
+PAPER_ARCH = (768, 48)  # WI-48-768, the paper's backbone (Supp. B.2): width, depth
+TOY_ARCH = (64, 6)  # WI-6-64, the toy world's backbone (distill.py's toy preset): width, depth
+
+
+def default_architecture(data_name):
+    """(width, depth) of a backbone built without a checkpoint: on the toy worlds the toy backbone (so a baseline
+    matches the distilled toy model, and does not build the paper's WI-48-768, an hour per toy probe on a CPU); on
+    real data the paper's WI-48-768."""
+    return TOY_ARCH if data_name in ("toy", "toy_kitti") else PAPER_ARCH
+
+
+def setup_device(name=None):
+    """--device checked before any data is read (resolve_device: cuda without a GPU is refused), then DDP when
+    launched by torchrun (each process its local GPU). Returns (rank, world size, device)."""
+    want = resolve_device(name)
+    rank, world, device = ddp_setup(device=want.type)
+    return rank, world, (want if world == 1 else device)
+
+
+def diverged_message(err, out):
+    """The one line of a NaN/inf loss (wi.check_finite): what happened and which checkpoint is the last good one."""
+    last = Path(out) / "ckpt_last.pth"
+    where = f"last good checkpoint: {last}" if last.is_file() else f"no checkpoint was written yet in {out}"
+    return f"error: {err} ({where})"
+
+
 def _load_weights_strict(model, weights, where):
     """load_state_dict(strict=True) with a readable error (missing / unexpected keys, shape mismatches)."""
     weights = {_strip_wrappers(k): v for k, v in weights.items()}
