@@ -2,14 +2,15 @@
 
 ScaLR (CVPR 2024) distils image features (DINOv2) into a lidar backbone (WaffleIron) on four lidar datasets.
 This file is the ground every stage stands on; its sections, in order:
-  [data] Constants, class maps, splits    class names and raw->K maps (official.md §1, Supp. B.1), intensity
-                                          stats, scene/sequence splits, GridConfig / grid_config (official §3.4)
+  [data] Constants, class maps, splits    class names and raw->K maps (ScaLR datasets/*_for_scalr.py, Supp. B.1),
+                                          intensity stats, splits, GridConfig / grid_config (ScaLR configs/)
   [data] Readers of the native layouts    nuScenes (JSON tables, lidarseg), SemanticKITTI, PandaSet (pkl.gz,
                                           poses, GPS split), KITTI object, merged (Supp. B.2); 1 %/10 % subsets
-  [data] Camera projections               lidar -> pixel (u = column, v = row) + depth (official.md §2.2-2.4)
-  [data] Point preprocessing              voxelize, crop, features, cells, kNN, augmentations, prepare_scan (§3)
-  [data] Torch datasets and collate       SegmentationDataset, collate with padding (official.md §3.7)
-  [data] Metrics                          confusion matrix, per-class IoU, mIoU (official.md §5.3)
+  [data] Camera projections               lidar -> pixel (u = column, v = row) + depth (ScaLR datasets/*_for_scalr.py)
+  [data] Point preprocessing              voxelize, crop, features, cells, kNN, augmentations, prepare_scan
+                                          (ScaLR datasets/pc_dataset.py, utils/transforms.py)
+  [data] Torch datasets and collate       SegmentationDataset, collate with padding (ScaLR datasets/pc_dataset.py)
+  [data] Metrics                          confusion matrix, per-class IoU, mIoU (ScaLR utils/metrics.py)
   [toy]  The embedded toy world           procedural scenes written as nuScenes / SemanticKITTI files
   [data] Benchmark and CLI                --bench, --make-toy, inspect / splits / subset commands
 
@@ -24,6 +25,7 @@ Commands:
 import numpy as np
 
 # ==== [data] Constants, class maps, splits ====
+import argparse
 import json
 import math
 import os
@@ -103,6 +105,18 @@ def run_main(main, *args, **kwargs):
 
 # argparse `type=` checks: a bad value is refused by argparse itself (usage line + `error:`, exit 2) before any
 # data is read.
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help of every script: the module docstring as written, and "(default: X)" after each flag whose help
+    does not already say its default. A flag whose default is decided after parsing (None here: it depends on the
+    dataset or the preset) spells out its values in its help text; on/off switches show nothing."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text.lower():
+            return text
+        return text + " (default: %(default)s)"
+
+
 def _number_type(cast, low, strict, what):
     def check(text):
         import argparse
@@ -135,9 +149,9 @@ def image_size_type(text):
     return h, w
 
 
-IGNORE = 255  # official.md §1.1: raw labels -> 0..K (0 = ignore), then -1, and -1 becomes 255
+IGNORE = 255  # ScaLR datasets/*_for_scalr.py: raw labels -> 0..K (0 = ignore), then -1, and -1 becomes 255
 
-# --- Final class names, in index order (official.md §1.2-1.4; Supp. B.1 for PandaSet) ---
+# --- Final class names, in index order (CLASS_NAME of ScaLR datasets/*_for_scalr.py; Supp. B.1 for PandaSet) ---
 CLASS_NAMES = {
     "nuscenes": ["barrier", "bicycle", "bus", "car", "construction_vehicle", "motorcycle", "pedestrian",
                  "traffic_cone", "trailer", "truck", "driveable_surface", "other_flat", "sidewalk", "terrain",
@@ -150,18 +164,19 @@ CLASS_NAMES = {
                  "ground", "driveway"],
 }
 
-# nuScenes-lidarseg: 32 raw category indices -> 0..16 (0 = ignore), official.md §1.2 table
+# nuScenes-lidarseg: 32 raw category indices -> 0..16 (0 = ignore), ScaLR datasets/nuscenes_for_scalr.py
 # (the standard devkit lidarseg-challenge mapping; the official .npy is not in git).
 NUSCENES_RAW_TO_17 = [0, 0, 7, 7, 7, 0, 7, 0, 0, 1, 0, 0, 8, 0, 2, 3, 3, 4, 5, 0, 0, 6, 9, 10, 11, 12, 13, 14,
                       15, 0, 16, 0]
 
-# SemanticKITTI learning_map (semantic-kitti.yaml), raw id -> 0..19 (0 = ignore), official.md §1.3
+# SemanticKITTI learning_map (semantic-kitti.yaml), raw id -> 0..19 (0 = ignore),
+# ScaLR datasets/semantic_kitti_for_scalr.py
 SEMANTIC_KITTI_LEARNING_MAP = {
     0: 0, 1: 0, 10: 1, 11: 2, 13: 5, 15: 3, 16: 5, 18: 4, 20: 5, 30: 6, 31: 7, 32: 8, 40: 9, 44: 10, 48: 11,
     49: 12, 50: 13, 51: 14, 52: 0, 60: 9, 70: 15, 71: 16, 72: 17, 80: 18, 81: 19, 99: 0, 252: 1, 253: 7,
     254: 6, 255: 8, 256: 5, 257: 5, 258: 4, 259: 5}
 
-# PandaSet 43 raw classes (0..42) -> 0..17 (0 = ignore), official.md §1.4 table
+# PandaSet 43 raw classes (0..42) -> 0..17 (0 = ignore), MAPPING_CLASS of ScaLR datasets/pandaset_for_scalr.py
 PANDASET_RAW_TO_18 = [0, 0, 0, 0, 0, 5, 16, 1, 6, 6, 6, 7, 17, 10, 12, 12, 12, 15, 11, 15, 15, 15, 0, 13, 0,
                       0, 14, 15, 15, 15, 4, 4, 0, 0, 9, 3, 2, 9, 2, 3, 0, 8, 8]
 
@@ -171,7 +186,7 @@ def _shifted_lut(raw_to_k, size, unknown):
     lut = np.full(size, unknown, dtype=np.int64)
     items = raw_to_k.items() if isinstance(raw_to_k, dict) else enumerate(raw_to_k)
     for raw, k in items:
-        lut[raw] = IGNORE if k == 0 else k - 1  # official.md §1.1: "-1 -> 255"
+        lut[raw] = IGNORE if k == 0 else k - 1  # ScaLR datasets/*_for_scalr.py: "-1 -> 255"
     return lut
 
 
@@ -181,7 +196,7 @@ NUSCENES_LUT = _shifted_lut(NUSCENES_RAW_TO_17, 256, IGNORE)
 SEMANTIC_KITTI_LUT = _shifted_lut(SEMANTIC_KITTI_LEARNING_MAP, 1 << 16, -1)
 PANDASET_LUT = _shifted_lut(PANDASET_RAW_TO_18, 43, -1)
 
-# Intensity standardisation (i - MEAN) / STD, official.md §1.1
+# Intensity standardisation (i - MEAN) / STD, MEAN_INT / STD_INT of ScaLR datasets/*_for_scalr.py
 INTENSITY_STATS = {
     "nuscenes": (18.742355, 22.04632),
     "semantic_kitti": (0.28613698, 0.14090556),
@@ -208,17 +223,17 @@ def _intensity_key(name):
     return {"toy": "nuscenes", "toy_kitti": "semantic_kitti"}.get(name, name)
 
 
-# Cameras (official.md §2.2 / §2.4)
+# Cameras (ScaLR datasets/nuscenes_for_scalr.py / datasets/pandaset_for_scalr.py)
 NUSCENES_CAMERAS = ["CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_BACK_RIGHT", "CAM_BACK", "CAM_BACK_LEFT", "CAM_FRONT_LEFT"]
 KITTI_CAMERAS = ["image_2"]
 PANDASET_CAMERAS = ["back_camera", "front_camera", "front_left_camera", "front_right_camera", "left_camera",
                     "right_camera"]
 
-# SemanticKITTI split (semantic-kitti.yaml, official.md §1.3)
+# SemanticKITTI split (semantic-kitti.yaml, ScaLR datasets/semantic_kitti_for_scalr.py)
 SEMANTIC_KITTI_SPLITS = {"train": ["00", "01", "02", "03", "04", "05", "06", "07", "09", "10"], "val": ["08"],
                          "test": [f"{s:02d}" for s in range(11, 22)]}
 
-# nuScenes scene splits (official.md §1.2: 700 train / 150 val scenes of v1.0-trainval).
+# nuScenes scene splits (700 train / 150 val scenes of v1.0-trainval, ScaLR datasets/nuscenes_for_scalr.py).
 # The official val list of nuscenes-devkit (nuscenes/utils/splits.py) as scene-number ranges; train is every
 # other v1.0-trainval scene (trainval = 850 scenes = 700 train + 150 val). v1.0-mini: mini_train / mini_val.
 # `split_file=` / `--split-file` overrides them (JSON {"train": [names], "val": [names]} or list_files_nuscenes.npz).
@@ -243,17 +258,17 @@ NUSCENES_SPLITS = {
     "mini_val": ["scene-0103", "scene-0916"],
 }
 
-PANDASET_TRAIN_MIN_LAT = 37.6  # official.md §1.4: gps.json[0]['lat'] > 37.6 (San Francisco) -> train
+PANDASET_TRAIN_MIN_LAT = 37.6  # ScaLR datasets/pandaset_for_scalr.py: gps.json[0]['lat'] > 37.6 -> train
 
 
 @dataclass
 class GridConfig:
-    """Field of view, 2D grids and point budget of WaffleIron (official.md §3.4-3.6, Supp. B.2)."""
+    """Field of view, 2D grids and point budget of WaffleIron (ScaLR configs/, Supp. B.2)."""
     fov_min: tuple = (-64.0, -64.0, -8.0)
     fov_max: tuple = (64.0, 64.0, 8.0)
     grids: tuple = ((256, 256), (256, 32), (256, 32))  # one 2D grid per projection plane
     dim_proj: tuple = (2, 1, 0)  # plane j is the projection along axis dim_proj[j]
-    voxel: float = 0.1  # metres, official.md §3.2
+    voxel: float = 0.1  # metres, voxel_size of the ScaLR configs
     k: int = 16  # neighbours in the embedding (official queries k+1 and drops self)
     max_points: int = 20000  # LimitNumPoints (train only); None = no limit
 
@@ -268,7 +283,7 @@ class GridConfig:
 
 
 def grid_config(dataset, stage="pretrain"):
-    """Official FOV/grid for a dataset and stage ('pretrain' | 'probe' | 'finetune'), official.md §3.4."""
+    """Official FOV/grid for a dataset and stage ('pretrain' | 'probe' | 'finetune'), ScaLR configs/."""
     if stage not in ("pretrain", "probe", "finetune"):
         raise ValueError(f"stage must be pretrain, probe or finetune, got {stage!r}")
     if dataset in ("toy", "toy_kitti", "toy_merged"):
@@ -510,7 +525,7 @@ class _LidarDataset:
         return CLASS_NAMES[self.label_space]
 
     def normalize_intensity(self, intensity):
-        # official.md §1.1: (i - MEAN) / STD per dataset / lidar
+        # ScaLR datasets/pc_dataset.py: (i - MEAN) / STD per dataset / lidar
         mean, std = INTENSITY_STATS[self.name]
         return ((np.asarray(intensity, dtype=np.float32) - mean) / std).astype(np.float32)
 
@@ -643,7 +658,8 @@ def nuscenes_scene_names(version, all_names, split, split_file=None):
 
 def _official_nuscenes_list(split_file, split):
     """Lidar file names of `split` in the official list_files_nuscenes.npz (keys train/val/test, entries
-    (lidar path, label path, token); official.md §1.2), or None when split_file is not such a file."""
+    (lidar path, label path, token); ScaLR datasets/nuscenes_for_scalr.py), or None when split_file is not such a
+    file."""
     if split_file is None or not str(split_file).endswith(".npz"):
         return None
     lists = load_list_file(split_file, "split file")  # {key: array}, no pickle
@@ -674,7 +690,7 @@ def _find_nuscenes_version(root, version):
 
 class NuScenes(_LidarDataset):
     """nuScenes v1.0-{trainval,mini,test} read from its JSON tables (no devkit): LIDAR_TOP keyframes,
-    lidarseg labels, 6 cameras. Points in the LIDAR_TOP frame (official.md §1.2)."""
+    lidarseg labels, 6 cameras. Points in the LIDAR_TOP frame (ScaLR datasets/nuscenes_for_scalr.py)."""
     name = "nuscenes"
 
     def __init__(self, root, version=None, split="train", split_file=None):
@@ -764,7 +780,7 @@ class NuScenes(_LidarDataset):
         return self.lidar_path(i)
 
     def _read_points(self, i):
-        # *.pcd.bin: float32 x, y, z, intensity, ring (ring dropped, official.md §1.1); all rows of the file
+        # *.pcd.bin: float32 x, y, z, intensity, ring (ring dropped, as in ScaLR); all rows of the file
         return _read_records(self.lidar_path(i), np.float32, 5, "nuScenes lidar")[:, :4]
 
     def labels(self, i):
@@ -792,7 +808,7 @@ class NuScenes(_LidarDataset):
         return cams[cam]
 
     def lidar_to_image(self, i, cam):
-        """(3, 4) float64 matrix K @ [cam <- lidar] for scan i and camera cam (official.md §2.2 chain)."""
+        """(3, 4) float64 matrix K @ [cam <- lidar] for scan i and camera cam (ScaLR nuscenes_for_scalr.py chain)."""
         lid, sd = self.scans[i]["lidar"], self._cam_record(i, cam)
         cs_cam = self._cs[sd["calibrated_sensor_token"]]  # tokens checked at construction (_check_scan_records)
         where = f"{self.root / self.version / 'calibrated_sensor.json'}, record {cs_cam['token']}"
@@ -810,7 +826,7 @@ class NuScenes(_LidarDataset):
         path = self.image_path(i, cam)
         hw = (sd["height"], sd["width"]) if sd.get("height") else _image_hw(path)
         # devkit NuScenesExplorer.map_pointcloud_to_image mask: depth > 1 m, 1 < u < W-1, 1 < v < H-1
-        # (official ScaLR uses 0 < u: official.md §2.2; the devkit margin reproduces the realdata README table)
+        # (official ScaLR uses 0 < u: ScaLR datasets/nuscenes_for_scalr.py; our choice, see docs/official.md §1)
         out = project_with_matrix(self.points(i)[:, :3], self.lidar_to_image(i, cam), hw, min_depth, lo=1.0, hi=1.0)
         return dict(out, image_path=path, hw=hw)
 
@@ -820,7 +836,7 @@ _KITTI_CALIB_TODO = "re-extract it from the KITTI calibration download"
 
 
 def read_kitti_calib(path, need=()):
-    """KITTI calib text -> {key: float64 array}; reads up to the first blank line (official.md §2.3).
+    """KITTI calib text -> {key: float64 array}; reads up to the first blank line (ScaLR semantic_kitti_for_scalr.py).
     need: keys that must be present, each alternative a 'A|B' string (e.g. 'Tr|Tr_velo_to_cam'); a missing key,
     a line that is not `key: numbers` or a matrix of the wrong size gives one line naming the file."""
     path = Path(path)
@@ -863,7 +879,7 @@ KITTI_NOMINAL_HW = (376, 1241)  # image_2 size of sequences 00-02, used only whe
 
 
 class SemanticKitti(_LidarDataset):
-    """SemanticKITTI: dataset/sequences/SS/{velodyne,labels,image_2,calib.txt} (official.md §1.3)."""
+    """SemanticKITTI: dataset/sequences/SS/{velodyne,labels,image_2,calib.txt} (ScaLR semantic_kitti_for_scalr.py)."""
     name = "semantic_kitti"
 
     def __init__(self, root, split="train", sequences=None):
@@ -946,7 +962,8 @@ class SemanticKitti(_LidarDataset):
     def project(self, i, cam="image_2", min_depth=1.0):
         path = self.image_path(i, cam)
         hw = _image_hw(path, default=KITTI_NOMINAL_HW)
-        # official.md §2.3: 0 < u < W-1, 0 < v < H-1 (official pre-filter is lidar x > 1 m; we test depth > 1 m)
+        # ScaLR datasets/semantic_kitti_for_scalr.py: 0 < u < W-1, 0 < v < H-1 (its pre-filter is lidar x > 1 m;
+        # we test depth > 1 m, docs/official.md §1)
         out = project_with_matrix(self.points(i)[:, :3], self.lidar_to_image(i, cam), hw, min_depth, lo=0.0, hi=1.0)
         return dict(out, image_path=path, hw=hw)
 
@@ -1131,8 +1148,9 @@ def _pandaset_columns(df, path, columns):
 
 
 def pandaset_split(root, out_dir=None, verbose=True):
-    """{'train': [seq], 'val': [seq]} by GPS latitude of the first frame (official.md §1.4: lat > 37.6 = train,
-    San Francisco). Only sequences with annotations/semseg are used. Printed, and saved to out_dir if given."""
+    """{'train': [seq], 'val': [seq]} by GPS latitude of the first frame (lat > 37.6 = train, San Francisco;
+    ScaLR datasets/pandaset_for_scalr.py). Only sequences with annotations/semseg are used. Printed, and saved to
+    out_dir if given."""
     root = Path(root)
     if not root.is_dir():
         raise MissingDataFileError("PandaSet root not found", root, "pass --root of the folder that holds the "
@@ -1157,8 +1175,8 @@ def pandaset_split(root, out_dir=None, verbose=True):
 
 class PandaSet(_LidarDataset):
     """PandaSet native layout, one lidar: sensor 0 = Pandar64 ('pandaset64'), 1 = PandarGT ('pandasetgt').
-    points(i) are in the ego frame (world -> T_lidar^-1, then z -= 1.6, official.md §1.4); project() works in
-    world coordinates with the camera poses (official.md §2.4)."""
+    points(i) are in the ego frame (world -> T_lidar^-1, then z -= 1.6); project() works in world coordinates
+    with the camera poses (both as in ScaLR datasets/pandaset_for_scalr.py)."""
     Z_SHIFT = 1.6
 
     def __init__(self, root, sensor="pandaset64", split="train", out_dir=None):
@@ -1216,7 +1234,7 @@ class PandaSet(_LidarDataset):
 
     def points(self, i):
         xyz, inten, _ = self._frame(i)
-        # official.md §1.4: world -> ego with T_lidar^-1, then z -= 1.6 m
+        # ScaLR datasets/pandaset_for_scalr.py: world -> ego with T_lidar^-1, then z -= 1.6 m
         ego = apply_transform(np.linalg.inv(self.lidar_pose(i)), xyz)
         ego[:, 2] -= self.Z_SHIFT
         return np.concatenate([ego, inten[:, None]], axis=1).astype(np.float32)
@@ -1240,7 +1258,7 @@ class PandaSet(_LidarDataset):
         return str(self.root / s / "camera" / cam / f"{f}.jpg")
 
     def lidar_to_image(self, i, cam):
-        """(3, 4) float64 K @ [cam <- world] (world coordinates, official.md §2.4)."""
+        """(3, 4) float64 K @ [cam <- world] (world coordinates, ScaLR datasets/pandaset_for_scalr.py)."""
         s, f = self.frames[i]
         pose = _read_json(self.root / s / "camera" / cam / "poses.json", f"PandaSet {cam} poses", int(f),
                           _POSE_KEYS)
@@ -1252,18 +1270,19 @@ class PandaSet(_LidarDataset):
     def project(self, i, cam="front_camera", min_depth=1.0):
         path = self.image_path(i, cam)
         hw = _image_hw(path, default=(1080, 1920))
-        # official.md §2.4 keeps z_cam > 0 and 0 < u < W, 0 < v < H; the depth threshold follows issue 3 (1 m)
+        # ScaLR datasets/pandaset_for_scalr.py keeps z_cam > 0 and 0 < u < W, 0 < v < H; our depth threshold is
+        # 1 m as on the other datasets (docs/official.md §1)
         out = project_with_matrix(self._frame(i)[0], self.lidar_to_image(i, cam), hw, min_depth, lo=0.0, hi=0.0)
         return dict(out, image_path=path, hw=hw)
 
-_MERGED_ORDER = ["nuscenes", "semantic_kitti", "pandaset64", "pandasetgt"]  # official.md §1.1
+_MERGED_ORDER = ["nuscenes", "semantic_kitti", "pandaset64", "pandasetgt"]  # ScaLR datasets/merged_datasets.py
 _MERGED_FOLDER = {"nuscenes": "nuscenes", "semantic_kitti": "semantic_kitti", "pandaset64": "pandaset",
                   "pandasetgt": "pandaset"}
 
 
 class MergedDataset:
     """Concatenation of datasets in the official order nuScenes, KITTI, Pandar64, PandarGT (Supp. B.2,
-    official.md §1.1). Each scan keeps its own dataset / label space: `sub(i) -> (dataset, j)`."""
+    ScaLR datasets/merged_datasets.py). Each scan keeps its own dataset / label space: `sub(i) -> (dataset, j)`."""
     name = "merged"
 
     def __init__(self, datasets):
@@ -1342,7 +1361,8 @@ def label_subset(ds, fraction, subset_file=None, out_dir=None):
     """Sorted scan indices of the fraction-labelled training subset used by finetuning (1 %, 10 %).
     - subset_file (.npy, e.g. the official nuscenes-ratio_100-v_0.npy): entries are matched to scans by
       lidar file name or token (tuples/dicts: any string field); a plain .txt of scan ids also works.
-    - SemanticKITTI (official.md §1.3): sorted file paths [::100] for 1 % (192 scans); we use [::10] for 10 %.
+    - SemanticKITTI (ScaLR datasets/semantic_kitti_for_scalr.py): sorted file paths [::100] for 1 % (192 scans);
+      we use [::10] for 10 %.
     - Otherwise (nuScenes without the official lists, PandaSet, toy) a DOCUMENTED deterministic rule,
       not the official lists: scans sorted by their lidar file path (time order within a log), every
       round(1/fraction)-th one, starting with the first.
@@ -1423,7 +1443,8 @@ def apply_transform(T, xyz):
 
 
 def nuscenes_lidar_to_camera(cs_lidar, pose_lidar, pose_cam, cs_cam):
-    """(4, 4) float64 camera <- lidar for nuScenes records (official.md §2.2, devkit map_pointcloud_to_image):
+    """(4, 4) float64 camera <- lidar for nuScenes records (ScaLR datasets/nuscenes_for_scalr.py,
+    devkit map_pointcloud_to_image):
     lidar -> ego(t_lidar) -> global -> ego(t_cam) -> camera."""
     def rec(r):
         return make_transform(quaternion_to_matrix(r["rotation"]), r["translation"])
@@ -1447,8 +1468,8 @@ def project_with_matrix(xyz, P, hw, min_depth=1.0, lo=0.0, hi=1.0):
     return dict(idx=idx, uv=uv[inside], depth=depth[idx])
 
 
-# ==== [data] Point preprocessing (official.md §3) ====
-_FOV_EPS = 1e-4  # official.md §3.3 step 5 / pitfall 8: strict crop so that int() never reaches the grid size
+# ==== [data] Point preprocessing (ScaLR datasets/pc_dataset.py, utils/transforms.py) ====
+_FOV_EPS = 1e-4  # Crop of ScaLR utils/transforms.py: strict crop so that int() never reaches the grid size
 
 
 def _refuse_nonfinite(values, where):
@@ -1461,7 +1482,7 @@ def _refuse_nonfinite(values, where):
 
 
 def voxelize(xyz, voxel=0.1, rng=None):
-    """Kept rows (M,) int64, one point per voxel of `voxel` metres (official.md §3.2): voxel = int((p - min) / v);
+    """Kept rows (M,) int64, one point per voxel of `voxel` metres (ScaLR Voxelize): voxel = int((p - min) / v);
     first point per voxel, or a random one when rng is given (official: random permutation first). Sorted."""
     xyz = np.asarray(xyz)
     if len(xyz) == 0:
@@ -1487,21 +1508,21 @@ def limit_points(xyz, max_points, rng):
 
 
 def fov_mask(xyz, cfg):
-    """bool (N,): fov_min + eps < p < fov_max - eps on x, y and z (strict, official.md §3.3 step 5)."""
+    """bool (N,): fov_min + eps < p < fov_max - eps on x, y and z (strict, Crop of ScaLR utils/transforms.py)."""
     lo = np.asarray(cfg.fov_min, dtype=np.float64) + _FOV_EPS
     hi = np.asarray(cfg.fov_max, dtype=np.float64) - _FOV_EPS
     return np.all((xyz > lo) & (xyz < hi), axis=1)
 
 
 def input_features(xyz, intensity_norm):
-    """(N, 5) float32 network input, official order [intensity_norm, x, y, z, ||xyz||_2] (official.md §3.1)."""
+    """(N, 5) float32 network input, official order [intensity_norm, x, y, z, ||xyz||_2] (ScaLR pc_dataset.py)."""
     xyz = np.asarray(xyz, dtype=np.float32)
     radius = np.linalg.norm(xyz, axis=1)  # 3D norm, not the 2D range
     return np.concatenate([np.asarray(intensity_norm, np.float32)[:, None], xyz, radius[:, None]], axis=1)
 
 
 def cell_indices(xyz, cfg):
-    """(3, N) int64 flat cell index per projection plane (official.md §3.5): plane j projects along axis
+    """(3, N) int64 flat cell index per projection plane (ScaLR datasets/pc_dataset.py): plane j projects along axis
     d = dim_proj[j] onto the remaining axes (a, b) in increasing order; q = int((p - fov_min) / res);
     cell = q_a * grid[j][1] + q_b."""
     xyz = np.asarray(xyz, dtype=np.float64)
@@ -1520,7 +1541,7 @@ def cell_indices(xyz, cfg):
 
 
 def knn_indices(xyz, k=16):
-    """(k, N) int64 indices of the k nearest neighbours of each point, self excluded (official.md §3.6:
+    """(k, N) int64 indices of the k nearest neighbours of each point, self excluded (ScaLR pc_dataset.py:
     cKDTree queried with k + 1, column 0 = the point itself dropped). Scans with <= k points repeat self."""
     from scipy.spatial import cKDTree
     xyz = np.asarray(xyz, dtype=np.float64)
@@ -1537,7 +1558,7 @@ def knn_indices(xyz, k=16):
 
 
 def nearest_indices(query_xyz, ref_xyz):
-    """(Nq,) int64: index of the nearest ref point for every query point (1-NN upsampling, official.md §3.8)."""
+    """(Nq,) int64: index of the nearest ref point for every query point (1-NN upsampling, ScaLR pc_dataset.py)."""
     from scipy.spatial import cKDTree
     tree = cKDTree(np.asarray(ref_xyz, np.float64), balanced_tree=False, compact_nodes=False)
     return np.asarray(tree.query(np.asarray(query_xyz, np.float64), k=1, workers=1)[1], dtype=np.int64)
@@ -1549,7 +1570,7 @@ def _rotation_z(theta):
 
 
 def augment_pretrain(xyz, rng):
-    """Pretraining augmentation on xyz (official.md §2.6 step 5): rotation about z by U(-pi, pi); with prob 2/3
+    """Pretraining augmentation on xyz (ScaLR im_pc_dataset.py): rotation about z by U(-pi, pi); with prob 2/3
     negate x or y (1/2 each); scale by U(0.9, 1.1)."""
     xyz = np.array(xyz, dtype=np.float32, copy=True)
     xyz[:, :2] = xyz[:, :2] @ _rotation_z(rng.uniform(-np.pi, np.pi)).T
@@ -1560,7 +1581,7 @@ def augment_pretrain(xyz, rng):
 
 
 def augment_downstream(pc8, rng):
-    """Downstream augmentation, official desynchronised version (official.md §3.3 step 4), on
+    """Downstream augmentation, official desynchronised version (ScaLR utils/transforms.py, finetune.py), on
     pc8 = [x, y, z, i, x, y, z, r] (geometric cols 0-2, feature cols 3-7):
     rotate cols (0,1) by theta1 and cols (4,5) by an independent theta2; with prob 2/3 negate col 0 or 1 only;
     scale cols 4-7 (feature x, y, z, radius) by U(0.9, 1.1)."""
@@ -1575,7 +1596,7 @@ def augment_downstream(pc8, rng):
 
 
 def prepare_scan(points, dataset_name, cfg, train, rng=None, labels=None):
-    """One scan -> network inputs, in the official downstream order (official.md §3.3):
+    """One scan -> network inputs, in the official downstream order (ScaLR PCDataset.__getitem__):
     8 columns [x,y,z | i_norm,x,y,z,r] from un-augmented coords -> voxelize -> (train) limit points + augment
     -> FOV crop -> cells -> kNN -> (eval) 1-NN upsample index of every original row."""
     if train and rng is None:
@@ -1584,7 +1605,7 @@ def prepare_scan(points, dataset_name, cfg, train, rng=None, labels=None):
     _refuse_nonfinite(points[:, :4], f"prepare_scan, {dataset_name} scan")  # a NaN intensity never reaches grids
     xyz = points[:, :3].astype(np.float32)  # (N, 3)
     mean, std = INTENSITY_STATS[_intensity_key(dataset_name)]
-    inten = (points[:, 3].astype(np.float32) - mean) / std  # official.md §1.1
+    inten = (points[:, 3].astype(np.float32) - mean) / std  # ScaLR datasets/pc_dataset.py
     pc8 = np.concatenate([xyz, input_features(xyz, inten)], axis=1)  # (N, 8)
     kept = voxelize(xyz, cfg.voxel, rng if train else None)  # (M0,)
     if train:
@@ -1610,7 +1631,7 @@ _COLLATE_KEYS = ("feat", "cells", "neighbors", "labels", "upsample", "orig_label
 
 
 def collate(samples):
-    """List of prepare_scan dicts -> padded batch (official.md §3.7):
+    """List of prepare_scan dicts -> padded batch (Collate / zero_pad of ScaLR datasets/pc_dataset.py):
     feat (B, 5, Nmax) float32 (pad 0), cells (B, 3, Nmax) int64 (pad 0), neighbors (B, k, Nmax) int64
     (pad Nmax - 1), occupied (B, Nmax) bool, num_points (B,), labels (sum M,) concatenated,
     upsample / orig_labels / xyz / kept: lists of tensors; any other key: list as given."""
@@ -1647,16 +1668,17 @@ def _torch_dataset_base():
 
 class SegmentationDataset(_torch_dataset_base()):
     """torch Dataset of prepare_scan samples (+ 'orig_labels' of all original points, 'scan_id') for
-    linear probing / finetuning. subset: list of scan indices (e.g. label_subset). Train randomness is drawn
-    from torch's RNG, so DataLoader worker seeding / torch.manual_seed make it reproducible."""
+    linear probing / finetuning. subset: list of scan indices (e.g. label_subset). Items are j or (j, epoch), as
+    EpochSampler yields them: a training sample's randomness (voxel point, augmentation) is seeded by
+    (seed, epoch, j), so reruns, resumes (mid-epoch too, with workers) and DDP layouts see the same samples."""
 
-    def __init__(self, ds, cfg, train, subset=None):
+    def __init__(self, ds, cfg, train, subset=None, seed=0):
         if not ds.has_labels:
             raise ValueError(f"{getattr(ds, 'name', ds)} has no labels (e.g. nuScenes v1.0-test); "
                              f"segmentation training/evaluation needs a labelled split")
-        self.ds, self.cfg, self.train = ds, cfg, train
+        self.ds, self.cfg, self.train, self.seed = ds, cfg, train, int(seed)
         indices = list(range(len(ds))) if subset is None else list(subset)
-        self.indices = [i for i in indices if ds.scan_has_labels(i)]  # e.g. realdata sample A has no lidarseg
+        self.indices = [i for i in indices if ds.scan_has_labels(i)]  # e.g. a keyframe without lidarseg file
         if len(self.indices) < len(indices):
             print(f"[data] SegmentationDataset: {len(indices) - len(self.indices)} of {len(indices)} scans have "
                   f"no label file and are left out")
@@ -1666,17 +1688,17 @@ class SegmentationDataset(_torch_dataset_base()):
     def __len__(self):
         return len(self.indices)
 
-    def raw_item(self, j):
-        """(scan index i, its reader, index in the reader, raw labels, seed of this item's train randomness drawn
-        from torch's RNG, so DataLoader workers and the global seed decide it; None in eval)."""
-        import torch
+    def raw_item(self, item):
+        """item j or (j, epoch) -> (scan index i, its reader, index in the reader, raw labels, seed of this item's
+        train randomness [seed, epoch, j] for np.random.default_rng; None in eval)."""
+        j, epoch = item if isinstance(item, tuple) else (item, 0)
         i = self.indices[j]
         sub, k = self.ds.sub(i) if hasattr(self.ds, "sub") else (self.ds, i)
-        seed = int(torch.randint(0, 2 ** 62, (1,)).item()) if self.train else None
+        seed = [self.seed, int(epoch), int(j)] if self.train else None
         return i, sub, k, sub.labels(k), seed
 
-    def __getitem__(self, j):
-        i, sub, k, labels, seed = self.raw_item(j)
+    def __getitem__(self, item):
+        i, sub, k, labels, seed = self.raw_item(item)
         rng = np.random.default_rng(seed) if seed is not None else None
         try:
             sample = prepare_scan(sub.points(k), sub.name, self.cfg, self.train, rng=rng, labels=labels)
@@ -1698,10 +1720,11 @@ class ScorableScans(_torch_dataset_base()):
     def __len__(self):
         return len(self.seg)
 
-    def __getitem__(self, j):
+    def __getitem__(self, item):
         try:
-            return self.seg[j]
+            return self.seg[item]
         except (ValueError, UserError) as err:
+            j = item[0] if isinstance(item, tuple) else item
             return {"unscorable": self.seg.ds.scan_id(self.seg.indices[j]), "reason": str(err)}
 
 
@@ -1729,10 +1752,80 @@ class ScoredBatches:
                 yield batch
 
 
+# ==== [data] Loaders: one sampler and one DataLoader recipe for every stage ====
+def _rank_world():
+    """(rank, world size) of this process: (0, 1) outside torch.distributed."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class EpochSampler:
+    """The items one rank reads in one epoch, as (index, epoch) pairs; the dataset seeds each sample's randomness
+    from (seed, epoch, index), so a run, its resume (mid-epoch too, with workers) and any DDP layout see the very
+    same samples.
+    train: a fresh permutation per epoch (torch.randperm seeded by seed + epoch), cut into global batches, the last
+    incomplete one dropped (drop_last, as the official loaders); rank r reads slice r of every global batch, so
+    1 process x B scans and N processes x B/N scans train on the same batches.
+    eval: the items in order, each exactly once (no padding with duplicates), each global batch sliced the same
+    way (the last one may be short). set_epoch(epoch, batches_done) skips the global batches already trained."""
+
+    def __init__(self, n, global_batch, train, seed=0, rank=0, world=1):
+        if global_batch < world or global_batch % world:
+            raise ValueError(f"the global batch size {global_batch} must be a multiple of the number of processes "
+                             f"{world} (the batch is divided across GPUs, as in the official code)")
+        if train and n < global_batch:
+            raise ValueError(f"the training set has {n} scans, fewer than one global batch of {global_batch} "
+                             f"(drop_last): lower --batch-size or use more data")
+        self.n, self.gb, self.train, self.seed, self.rank, self.world = n, global_batch, train, seed, rank, world
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch, batches_done=0):
+        self.epoch, self.skip = int(epoch), int(batches_done)
+
+    def batches_per_epoch(self):
+        return self.n // self.gb if self.train else -(-self.n // self.gb)
+
+    def indices(self, skip=True):
+        """This rank's items of the epoch, in order (without the skipped batches unless skip=False)."""
+        import torch
+        order = (torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+                 if self.train else list(range(self.n)))
+        b = self.gb // self.world
+        return [i for k in range(self.skip if skip else 0, self.batches_per_epoch())
+                for i in order[k * self.gb + self.rank * b: min(k * self.gb + (self.rank + 1) * b, self.n)]]
+
+    def __iter__(self):
+        return iter([(i, self.epoch) for i in self.indices()])
+
+    def __len__(self):  # the whole epoch of this rank, also while resuming (the schedule counts on it)
+        return len(self.indices(skip=False))
+
+
+def make_loader(dataset, global_batch, train, collate_fn=None, seed=0, workers=0, pin_memory=None):
+    """The DataLoader of every stage: the global batch divided by the number of processes, EpochSampler order
+    (shuffled + drop_last for training), items (index, epoch) for the dataset to seed its randomness.
+    Call set_epoch(loader, epoch, batches_done) at the start of every epoch."""
+    import torch
+    rank, world = _rank_world()
+    sampler = EpochSampler(len(dataset), global_batch, train, seed=seed, rank=rank, world=world)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=global_batch // world, sampler=sampler, drop_last=False, collate_fn=collate_fn,
+        num_workers=workers, pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        generator=torch.Generator().manual_seed(int(seed)))  # its own: iterating never draws from the global RNG
+
+
+def set_epoch(loader, epoch, batches_done=0):
+    """Start epoch `epoch` of a make_loader() loader, skipping its first `batches_done` batches (mid-epoch resume,
+    exact: the samples depend only on (seed, epoch, index))."""
+    loader.sampler.set_epoch(epoch, batches_done)
+
+
 # ==== [data] Metrics ====
 def confusion_matrix(gt, pred, num_classes):
     """(K, K) int64, rows = ground truth, columns = prediction; points labelled IGNORE are skipped
-    (official.md §5.3: bincount(K * gt + pred))."""
+    (fast_hist of ScaLR utils/metrics.py: bincount(K * gt + pred))."""
     gt = np.asarray(gt, dtype=np.int64).ravel()
     pred = np.asarray(pred, dtype=np.int64).ravel()
     valid = gt != IGNORE
@@ -1742,7 +1835,7 @@ def confusion_matrix(gt, pred, num_classes):
 
 def per_class_iou(cm):
     """(K,) float64 IoU_c = TP / (row_sum + col_sum - TP); NaN when the class is absent from GT and
-    prediction (0/0, excluded from the mean); 0 when predicted but absent from GT (official.md §5.3)."""
+    prediction (0/0, excluded from the mean); 0 when predicted but absent from GT (ScaLR utils/metrics.py)."""
     cm = np.asarray(cm, dtype=np.float64)
     tp = np.diag(cm)
     union = cm.sum(0) + cm.sum(1) - tp
@@ -1988,11 +2081,11 @@ def prepare_batch_t(points, dataset_names, cfg, train, rngs=None, labels=None, d
 
 class RawScanDataset(SegmentationDataset):
     """The --preprocess-on device twin of SegmentationDataset: items are the RAW scan (points, labels, dataset
-    name, scan id) and the seed of its train randomness, drawn from torch's RNG exactly as SegmentationDataset
-    draws it, so the same torch seed gives the same batch; prepare_raw_batch_t does the rest on the device."""
+    name, scan id) and the seed of its train randomness, the same (seed, epoch, j) as SegmentationDataset's, so
+    both give the same batch; prepare_raw_batch_t does the rest on the device."""
 
-    def __getitem__(self, j):  # same checks, same labelled-scan list and same draws as SegmentationDataset
-        i, sub, k, labels, seed = self.raw_item(j)
+    def __getitem__(self, item):  # same checks, same labelled-scan list and same draws as SegmentationDataset
+        i, sub, k, labels, seed = self.raw_item(item)
         return dict(points=sub.points(k), labels=labels, name=sub.name, scan_id=self.ds.scan_id(i), seed=seed)
 
 
@@ -2229,7 +2322,7 @@ TOY_MAT_KITTI = np.array([m[2] for m in TOY_MATERIALS], np.uint32)   # material 
 _TOY_RGB = np.array([m[3] for m in TOY_MATERIALS], np.float64)
 _TOY_REFL = np.array([[m[4], m[5]] for m in TOY_MATERIALS], np.float64)
 
-TOY_NUSC_CATEGORIES = [  # official nuScenes-lidarseg names, in category.index order 0..31 (realdata README)
+TOY_NUSC_CATEGORIES = [  # official nuScenes-lidarseg names, in category.index order 0..31 (nuScenes category.json)
     "noise", "animal", "human.pedestrian.adult", "human.pedestrian.child", "human.pedestrian.construction_worker",
     "human.pedestrian.personal_mobility", "human.pedestrian.police_officer", "human.pedestrian.stroller",
     "human.pedestrian.wheelchair", "movable_object.barrier", "movable_object.debris",
@@ -2250,12 +2343,12 @@ TOY_NUSC_CAMS = {
     "CAM_BACK_LEFT": (110.0, (1.04, 0.48, 1.56), 252.8),
     "CAM_FRONT_LEFT": (55.0, (1.52, 0.49, 1.51), 252.5),
 }
-# camera time minus lidar time (microseconds), as in realdata sample A: cameras fire as the lidar sweeps past them
+# camera time minus lidar time (microseconds), as in a nuScenes keyframe: cameras fire as the lidar sweeps past them
 TOY_NUSC_CAM_DT = {"CAM_FRONT": -35491, "CAM_FRONT_RIGHT": -27612, "CAM_BACK_RIGHT": -20058, "CAM_BACK": -10426,
                    "CAM_BACK_LEFT": -528, "CAM_FRONT_LEFT": -43107}
 TOY_NUSC_WH = (320, 180)
 TOY_KITTI_WH = (620, 188)  # half of KITTI odometry's 1241x376
-# KITTI odometry sequence-00 calibration (realdata calib.txt); P rows 0-1 halved for the half-size image
+# KITTI odometry sequence-00 calibration (sequences/00/calib.txt); P rows 0-1 halved for the half-size image
 _TOY_KITTI_TR = np.array([
     [4.276802385584e-04, -9.999672484946e-01, -8.084491683471e-03, -1.198459927713e-02],
     [-7.210626507497e-03, 8.081198471645e-03, -9.999413164504e-01, -5.403984729748e-02],
@@ -3151,7 +3244,7 @@ _REALDATA = Path(__file__).resolve().parent.parent / "shared" / "realdata"
 
 
 def _bench_scan(n, rng):
-    """A lidar scan of about n points: the real 34,688-point nuScenes sample of ../shared/realdata when present
+    """A lidar scan of about n points: the real 34,688-point nuScenes sample under _REALDATA when present
     (all of it for n >= 34,688, else n random rows), else a synthetic 32-beam sweep of ground + walls."""
     path = _REALDATA / "nuscenes" / "samples" / "LIDAR_TOP"
     files = sorted(path.glob("*.pcd.bin")) if path.is_dir() else []
@@ -3262,7 +3355,7 @@ def _dataset_args(p):
                                                    "v1.0-mini, v1.0-test present)")
     p.add_argument("--split", default="all", help="train | val | test | all (default all)")
     p.add_argument("--split-file", default=None, help="nuScenes: official list_files_nuscenes.npz (ScaLR release "
-                   "tarball, official.md §1.2) or JSON {train: [scene names], val: [...]} with the official 700/150 "
+                   "info_datasets.tar.gz) or JSON {train: [scene names], val: [...]} with the official 700/150 "
                    "scene lists; without it v1.0-trainval uses the official devkit lists (NUSCENES_SPLITS)")
 
 
@@ -3305,7 +3398,7 @@ def main(argv=None):
             path.write_text("".join(ds.scan_id(i) + "\n" for i in range(len(ds))))
             print(f"[data] {ds.name} split {a.split}: {len(ds)} scans -> {path}")
         return
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--bench", action="store_true", help="time each preprocessing step on 20k / 35k point scans")
     p.add_argument("--make-toy", metavar="DIR", default=None, help="write the toy world (nuscenes/ + "
                                                                     "semantic_kitti/) into DIR")

@@ -1,10 +1,10 @@
 r"""distill.py -- ScaLR pretraining: distil 2D foundation-model features into a WaffleIron lidar backbone.
 
 Paper: "Three Pillars improving Vision Foundation Model Distillation for Lidar" (ScaLR, CVPR 2024), Sec. 3 and
-Supp. B.2; official recipe in shared/spec/official.md Sec. 2 (projection, teacher, pixel lookup), Sec. 5.1 (loss),
-Sec. 6.1-6.2 (schedules). No labels are used: for every lidar scan ONE camera image is picked at random, the points
-visible in it are fed to the student (WaffleIron + head) and its output at each point is pulled towards the frozen
-image teacher's feature at the point's pixel with Eq. (1).
+Supp. B.2; the official recipe (ScaLR datasets/im_pc_dataset.py for the sample, utils/distiller.py for the loss,
+utils/scheduler.py for the schedule) is summarised in docs/official.md §2. No labels are used: for every lidar
+scan ONE camera image is picked at random, the points visible in it are fed to the student (WaffleIron + head) and
+its output at each point is pulled towards the frozen image teacher's feature at the point's pixel with Eq. (1).
 
     # toy world on CPU, a few minutes (tiny random-init DINOv2 teacher unless --teacher-weights is given)
     python distill.py
@@ -36,7 +36,8 @@ import socket
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
+from dataclasses import dataclass, field
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -94,8 +95,16 @@ def valid_teachers_text():
     return f'valid teachers: {", ".join(TEACHERS)}, or {TIMM_PREFIX}<any timm ViT name>'
 
 
+class TeacherSpec(NamedTuple):
+    name: str               # the --teacher entry
+    arch: str               # timm architecture
+    feature: str            # which tokens are the pixel features
+    family: str             # weights format family (dinov2, dinov3, dino, timm)
+    patch: Optional[int]    # patch size in pixels (None if not in the name)
+
+
 def teacher_spec(name):
-    """--teacher entry -> SimpleNamespace(name, arch, feature, family, patch); patch None if not in the name."""
+    """--teacher entry -> TeacherSpec."""
     if name in TEACHERS:
         arch, feature, family = TEACHERS[name]
     elif name.startswith(TIMM_PREFIX):
@@ -107,8 +116,8 @@ def teacher_spec(name):
     else:
         raise data.UserError(f'unknown teacher {name!r}', '--teacher', valid_teachers_text())
     patch = re.search(r'patch(\d+)', arch)
-    return SimpleNamespace(name=name, arch=arch, feature=feature, family=family,
-                           patch=int(patch.group(1)) if patch else None)
+    return TeacherSpec(name=name, arch=arch, feature=feature, family=family,
+                       patch=int(patch.group(1)) if patch else None)
 
 
 class Teacher(nn.Module):
@@ -544,7 +553,7 @@ def pixel_features(fmap, pairs, patch):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The distillation sample (official.md Sec. 2.6) and its batching
+# The distillation sample (ScaLR datasets/im_pc_dataset.py, docs/official.md §2) and its batching
 
 def read_camera_image(sub, j, cam):
     """(H, W, 3) uint8, or (None, reason) for a missing / unreadable (truncated, corrupt) image: both are skipped
@@ -569,7 +578,7 @@ def resize_images(img, image_size, antialias=False):
 
 
 def distill_sample(ds, i, cfg, image_size, rng, cameras='one', antialias=False, preprocess_on='cpu'):
-    """One scan -> (sample dict, None) or (None, reason to skip). Official order, official.md Sec. 2.6.
+    """One scan -> (sample dict, None) or (None, reason to skip). Official order (ScaLR datasets/im_pc_dataset.py).
 
     cameras='one' (official): one camera uniformly at random; sample['image'] (3, h, w), sample['pairs'] (M, 2)
     [row', col']. cameras='all' (Supp. E, exercise b): every camera image of the scan is loaded, the student sees the
@@ -591,7 +600,7 @@ def distill_sample(ds, i, cfg, image_size, rng, cameras='one', antialias=False, 
     pts = sub.points(j)  # (N, 4) x, y, z, raw intensity
     kept = data.voxelize(pts[:, :3], cfg.voxel, rng)  # (M,) one random point per 0.1 m voxel
     view, row, col = point_pixels(sub, j, views, len(pts), image_size, rng)  # (N,) each; view -1 = not visible
-    sel = kept[view[kept] >= 0]  # the student sees ONLY the visible points (official.md Sec. 2.1)
+    sel = kept[view[kept] >= 0]  # the student sees ONLY the visible points (docs/official.md §2)
     if len(sel) == 0:
         return None, 'no point in image'
     if cfg.max_points:
@@ -619,7 +628,7 @@ def point_pixels(sub, j, views, n, image_size, rng):
     """For each of the n rows of the scan: index of the loaded camera it is paired with (-1: seen by none) and its
     (row', col') pixel in that camera's image resized to image_size. A point seen by several cameras takes one of
     them uniformly at random (reservoir draw; rng is used only then, so the official 1-camera stream is unchanged).
-    Pairs floored twice (official.md Sec. 11.6): (row, col) = (floor(v), floor(u)), then floor(row * h / H)."""
+    Pairs floored twice (docs/official.md §2): (row, col) = (floor(v), floor(u)), then floor(row * h / H)."""
     view, row, col = np.full(n, -1), np.zeros(n, np.int64), np.zeros(n, np.int64)
     seen = np.zeros(n, np.int64)  # how many cameras see each row so far
     h, w = image_size
@@ -692,40 +701,8 @@ def distill_collate(samples):
     return batch
 
 
-class EpochSampler(torch.utils.data.Sampler):
-    """DistributedSampler-like: one shuffled order per epoch (seed + epoch), drop_last over the GLOBAL batch; rank r
-    takes slice r of every global batch, so 1 process x B scans and N processes x B/N scans see the same batches.
-    `set_epoch(e, skip_batches)` resumes mid-epoch. Yields (index, epoch)."""
-
-    def __init__(self, n, global_batch, seed=0, rank=0, world=1):
-        if n < global_batch:
-            raise ValueError(f'the dataset has {n} scans, fewer than the batch size {global_batch}: '
-                             f'lower --batch-size')
-        if global_batch % world:
-            raise ValueError(f'--batch-size {global_batch} (global) is not divisible by {world} processes')
-        self.n, self.gb, self.seed, self.rank, self.world = n, global_batch, seed, rank, world
-        self.epoch, self.skip = 0, 0
-
-    def set_epoch(self, epoch, skip_batches=0):
-        self.epoch, self.skip = epoch, skip_batches
-
-    def batches_per_epoch(self):
-        return self.n // self.gb
-
-    def __len__(self):
-        return (self.batches_per_epoch() - self.skip) * (self.gb // self.world)
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        perm = torch.randperm(self.n, generator=g).tolist()
-        b = self.gb // self.world
-        for k in range(self.skip, self.batches_per_epoch()):
-            for idx in perm[k * self.gb + self.rank * b: k * self.gb + (self.rank + 1) * b]:
-                yield (idx, self.epoch)
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# Loss (official.md Sec. 5.1) and targets (Supp. B.2)
+# Loss (Eq. (1); ScaLR utils/distiller.py) and targets (Supp. B.2)
 
 def distill_loss(student, target, reduction='mean'):
     """Eq. (1) on M paired points: student (M, C) head outputs, target (M, C) pixel features."""
@@ -813,11 +790,11 @@ def student_outputs(model, batch, dims):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Presets and budget (Supp. B.2; official.md Sec. 6.2)
+# Presets and budget (Supp. B.2; ScaLR configs/pretrain/WI_768_pretrain.yaml)
 
 PRESETS = {
-    # toy: 288 scan passes (~6 CPU-minutes: a few minutes on 2 cores), not a paper setting. Batch 2 rather than 4
-    # for the same compute: 144 updates lift the toy linear probe from 9.3 to 25.9 mIoU (random init: 10.3)
+    # toy (ours, not a paper setting): 60 epochs of the 48 toy train scans at batch 2 = 1,440 updates; the
+    # effect on the toy linear probe and the time are in README ("What line 1 gives")
     'toy': dict(width=wi.TOY_ARCH[0], depth=wi.TOY_ARCH[1], batch_size=2, epochs=60, warmup_epochs=1),
     # Supp. B.2 mono-dataset: WI-256, 19 epochs, batch 16, peak lr after 2 epochs
     'mono': dict(width=256, depth=48, batch_size=16, epochs=19, warmup_epochs=2),
@@ -882,7 +859,7 @@ def _add_data_and_teacher_flags(a):
     a('--merged-sets', default=None,
       help='--data merged: comma-separated subset of nuscenes,semantic_kitti,pandaset64,pandasetgt (default: every '
            'dataset folder found under --root; Supp. B.2 multi-dataset: all four)')
-    a('--split', default='train', help='split used for pretraining (official: train splits only, Sec. 1.5)')
+    a('--split', default='train', help='split used for pretraining (the official code uses train splits only)')
     a('--teacher', default='dinov2_vitl14',
       help=f'2D teacher(s), comma-separated for multi-teacher, any mix (paper: dinov2_vitl14); '
            f'{valid_teachers_text()}. Feature: patch tokens before the last norm, CLS and registers dropped '
@@ -899,26 +876,41 @@ def _add_data_and_teacher_flags(a):
       help='teacher input H,W (ScaLR: 224,448; ScaLR+: 448,896); multiples of every patch size')
     a('--antialias', default='off', choices=['on', 'off'],
       help='antialias of the bilinear image resize: off = the official resize under torchvision < 0.17 (0.12 ... '
-           '0.16, whose tensor default is no antialias), on = under torchvision >= 0.17')
+           '0.16, whose tensor resize does not antialias), on = under torchvision >= 0.17')
 
 
 def _add_model_schedule_loss_flags(a):
     """--head ... --cell: the student, the Supp. B.2 schedule, the loss and the exercises' knobs."""
     a('--head', default=None, choices=['linear', 'mlp'],
-      help='3D head: linear Conv1d (released ScaLR, one teacher) or Supp. B.2 MLP (default with several teachers)')
+      help='3D head: linear Conv1d (released ScaLR; default with one teacher) or the Supp. B.2 MLP (default with '
+           'several teachers)')
     a('--preset', default=None, choices=list(PRESETS),
-      help='Supp. B.2 schedule (default: toy on toy data, else wi768 = the released model); flags below override')
-    a('--width', type=data.positive_int, default=None, help='WaffleIron width F (preset; WI-256 / WI-768)')
-    a('--depth', type=data.positive_int, default=None, help='WaffleIron depth L (preset; paper 48)')
-    a('--epochs', type=data.positive_int, default=None, help='epochs (Supp. B.2 via preset)')
+      help='Supp. B.2 schedule: toy (default on the toy world: WI-6-64, batch 2, 60 epochs, warmup 1 epoch), mono '
+           '(WI-48-256, batch 16, 19 epochs, warmup 2 epochs), multi (WI-48-256, batch 16, epochs per dataset, '
+           'warmup 3500 it.), wi768 (default on real data = the released model: WI-48-768, batch 8, 49 epochs on '
+           'nuScenes / 25 on all four, warmup 3500 it.); the flags below override it')
+    a('--width', type=data.positive_int, default=None,
+      help='WaffleIron width F (default: the preset\'s: toy 64, mono / multi 256, wi768 768)')
+    a('--depth', type=data.positive_int, default=None,
+      help='WaffleIron depth L (default: the preset\'s: toy 6, else 48 as the paper)')
+    a('--epochs', type=data.positive_int, default=None,
+      help='epochs (default: the preset\'s, Supp. B.2: toy 60, mono 19, multi 19 nuScenes / 28 '
+           'SemanticKITTI / 136 PandaSet / 10 all four, wi768 49 nuScenes / 25 all four; other data: as many scan '
+           'passes as the nuScenes setting)')
     a('--batch-size', type=data.positive_int, default=None,
-      help='GLOBAL batch size, split over DDP processes (preset: 16 or 8)')
+      help='GLOBAL batch size, split over DDP processes (default: the preset\'s: toy 2, mono / multi 16, '
+           'wi768 8)')
     a('--lr', type=data.positive_float, default=0.002, help='peak learning rate (Supp. B.2: 0.002)')
     a('--min-lr', type=data.nonneg_float, default=1e-5, help='final cosine learning rate (Supp. B.2: 1e-5)')
     a('--weight-decay', type=data.nonneg_float, default=3e-4,
-      help='AdamW weight decay (Supp. B.2: 3e-4; the official config uses 0.03, official.md Sec. 6.2)')
-    a('--warmup-iters', type=data.nonneg_int, default=None, help='linear warmup iterations (Supp. B.2 multi: 3500)')
-    a('--warmup-epochs', type=data.nonneg_float, default=None, help='linear warmup in epochs (Supp. B.2 mono: 2)')
+      help='AdamW weight decay (Supp. B.2: 3e-4; ScaLR configs/pretrain/WI_768_pretrain.yaml uses 0.03, see '
+           'docs/official.md §1)')
+    a('--warmup-iters', type=data.nonneg_int, default=None,
+      help='linear warmup iterations (default: the preset\'s: 3500 for multi / wi768, Supp. B.2; else from '
+           '--warmup-epochs)')
+    a('--warmup-epochs', type=data.nonneg_float, default=None,
+      help='linear warmup in epochs, used when --warmup-iters is not given (default: the preset\'s: toy 1, '
+           'mono 2, Supp. B.2)')
     a('--drop-path', type=data.nonneg_float, default=0.0,
       help='drop path during distillation (official: 0; ScaLR+ 0.2)')
     a('--max-points', type=data.nonneg_int, default=20000,
@@ -935,12 +927,15 @@ def _add_model_schedule_loss_flags(a):
     a('--infonce-pairs', type=data.positive_int, default=4096,
       help='InfoNCE: paired points sampled per batch and rank, the negatives of each other (exercise a; SLidR: 4096)')
     a('--cameras', default='one', choices=['one', 'all'],
-      help='one = one random camera per scan and iteration (official.md Sec. 2.6); all = every image of the scan, '
+      help='one = one random camera per scan and iteration (ScaLR datasets/im_pc_dataset.py); all = every image '
+           'of the scan, '
            'as Supp. E suggests ("from 1 to 6"; exercise b)')
     a('--knn', type=data.positive_int, default=None,
-      help='neighbours k of the point embedding (official.md Sec. 3.6: 16; exercise c); stored in model.pth')
+      help='neighbours k of the point embedding (default 16, as ScaLR datasets/pc_dataset.py: 17 nearest, the point '
+           'itself dropped; exercise c); stored in model.pth')
     a('--cell', type=data.positive_float, default=None,
-      help='grid cell size in metres over the same FOV (official.md Sec. 3.4: 0.5 m; toy: 1 m; exercise d); '
+      help='grid cell size in metres over the same FOV (default: 0.5 m as the official configs; toy world 1 m; '
+           'exercise d); '
            'stored in model.pth, probe.py / finetune.py reuse it')
 
 
@@ -974,9 +969,7 @@ def _add_run_flags(a):
 
 
 def parse_args(argv=None):
-    class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-        pass
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=data.HelpFormatter)
     a = p.add_argument
     _add_data_and_teacher_flags(a)
     _add_model_schedule_loss_flags(a)
@@ -1074,8 +1067,8 @@ def read_resume_checkpoint(path):
         if isinstance(e, data.UserError):
             raise
         first = (str(e).splitlines() or [''])[0][:160]
-        raise data.UserError(f'cannot read {path} ({type(e).__name__}: {first})', '--resume',
-                             'the file is truncated or corrupt: restart with --overwrite (or another --out)') from None
+        raise data.UserError(f'cannot read {path} ({type(e).__name__}: {first})', '--resume', 'the file is '
+                             'truncated or corrupt: restart with --overwrite (or another --out)') from None
 
 
 def to_device(batch, device):
@@ -1088,19 +1081,54 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def train_step(model, teachers, batch, dims, opt, sched, scaler, args, device, it, cfg=None):
-    """One iteration; returns (loss of the global batch, lr used, teacher seconds, points M of the global batch).
-    cfg: the grid, needed only with --preprocess-on device (cells and kNN of the batch computed here)."""
-    if 'neighbors' not in batch:
-        batch = data.add_cells_neighbors_t(batch, cfg, device)  # (B, 3, N) cells, (B, k, N) neighbours
+# ----------------------------------------------------------------------------------------------------------------
+# The run: what it is built from (Run), where its loop is (Progress), and the loop itself (train)
+
+class Run(NamedTuple):
+    """The fixed parts of a run, built once by setup()."""
+    args: argparse.Namespace
+    out: Path
+    device: torch.device
+    world: int
+    cfg: 'data.GridConfig'  # FOV, grids, kNN k of the student's input
+    teachers: list          # frozen Teacher modules
+    dims: list              # feature size of each teacher
+    model: nn.Module        # student (WaffleIron + head), DDP-wrapped with several processes
+    opt: torch.optim.Optimizer
+    sched: object           # warmup + cosine, stepped every iteration (Supp. B.2)
+    scaler: object          # GradScaler (--amp fp16) or a no-op
+    loader: torch.utils.data.DataLoader
+    log: 'wi.CSVLog'
+    config: dict            # config.json, stored in every checkpoint
+    per_epoch: int          # iterations per epoch
+    stop: int               # iteration to stop at (the budget, or --max-iters)
+
+
+@dataclass
+class Progress:
+    """Where the loop is and what it has counted: saved in every ckpt_last.pth, restored by --resume."""
+    epoch: int = 0
+    batches_done: int = 0   # batches of this epoch already trained (a mid-epoch resume skips them)
+    it: int = 0             # optimizer steps done
+    skips: dict = field(default_factory=dict)  # reason -> scans replaced by the next scan
+    seconds: float = 0.0    # wall time of the steps, for the end-of-run throughput
+    teacher_seconds: float = 0.0
+    scans: int = 0
+
+
+def train_step(run, batch, it):
+    """One AdamW step on Eq. (1); returns (loss of the global batch, lr used, teacher seconds, points M)."""
+    args, device = run.args, run.device
+    if 'neighbors' not in batch:  # --preprocess-on device: cells (B, 3, N) and kNN (B, k, N) computed here
+        batch = data.add_cells_neighbors_t(batch, run.cfg, device)
     batch = to_device(batch, device)
     t0 = time.perf_counter()
     with wi.autocast_context(device, args.amp):  # the teacher runs under autocast too (ScaLR utils/distiller.py)
-        target = teacher_targets(teachers, batch['images'], batch['pairs'])  # (M, sum C_t)
+        target = teacher_targets(run.teachers, batch['images'], batch['pairs'])  # (M, sum C_t)
     sync(device)
     t_teacher = time.perf_counter() - t0
     with wi.autocast_context(device, args.amp):
-        student = student_outputs(model, batch, dims)  # (M, sum C_t)
+        student = student_outputs(run.model, batch, run.dims)  # (M, sum C_t)
     scan = batch['occupied'].nonzero()[:, 0]  # (M,) scan of each point, scan-major like student and target
     per_point, scan = pair_loss(student, target, scan, args, it)  # fp32; Eq. (1) (default) or --loss infonce
     # --loss-mean scan (default): mean over the scans of the global batch of each scan's mean; points: Eq. (1)'s
@@ -1108,31 +1136,67 @@ def train_step(model, teachers, batch, dims, opt, sched, scaler, args, device, i
     loss, global_loss, points = reduce_loss(per_point, scan, batch['occupied'].shape[0], args.loss_mean, device,
                                             n_points=len(student))
     global_loss = wi.check_finite(global_loss, it + 1)  # raises before the update; 1-based as log.csv
-    lr = opt.param_groups[0]['lr']  # the lr of this step (the very first step uses lr = 0, as the official one)
-    opt.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(opt)
-    scaler.update()
-    sched.step()
+    lr = run.opt.param_groups[0]['lr']  # the lr of this step (the very first step uses lr = 0, as the official one)
+    run.opt.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    run.scaler.step(run.opt)
+    run.scaler.update()
+    run.sched.step()
     return global_loss, lr, t_teacher, points
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# Main loop
 
 LOG_FIELDS = ['iteration', 'epoch', 'loss', 'lr', 'scans_per_s', 'teacher_share', 'points', 'skipped']
 
 
-def make_loader(args, ds, cfg, rank, world, device):
-    dataset = DistillDataset(ds, cfg, args.image_size, seed=args.seed, cameras=args.cameras,
-                             antialias=args.antialias == 'on', preprocess_on=args.preprocess_on)
-    sampler = EpochSampler(len(ds), args.batch_size, seed=args.seed, rank=rank, world=world)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size // world, sampler=sampler,
-                                         collate_fn=distill_collate, num_workers=args.workers, drop_last=True,
-                                         generator=torch.Generator().manual_seed(args.seed),
-                                         pin_memory=device.type == 'cuda')
-    return loader, sampler
+def train(run, p):
+    """Supp. B.2 pretraining: epochs of AdamW steps on Eq. (1) until run.stop; ckpt_last.pth after every epoch."""
+    from tqdm import tqdm
+    args = run.args
+    while p.it < run.stop:
+        data.set_epoch(run.loader, p.epoch, p.batches_done)  # epoch e's order, without the batches already done
+        bar = tqdm(total=run.per_epoch, initial=p.batches_done, desc=f'epoch {p.epoch}', dynamic_ncols=True,
+                   disable=args.no_progress or not wi.is_main())
+        tick = time.perf_counter()
+        for batch in run.loader:
+            loss, lr, t_teacher, points = train_step(run, batch, p.it)
+            p.it, p.batches_done = p.it + 1, p.batches_done + 1
+            for _, reason in batch['skipped']:  # scans replaced by the next one (missing image, ...)
+                p.skips[reason] = p.skips.get(reason, 0) + 1
+            now = time.perf_counter()
+            dt, tick = now - tick, now
+            p.seconds, p.teacher_seconds, p.scans = p.seconds + dt, p.teacher_seconds + t_teacher, \
+                p.scans + args.batch_size
+            bar.update(1)
+            bar.set_postfix(loss=f'{loss:.4f}', scans_s=f'{args.batch_size / dt:.1f}', lr=f'{lr:.2e}')
+            if p.it % args.log_every == 0 or p.it == run.stop:
+                run.log.log(iteration=p.it, epoch=p.epoch, loss=loss, lr=lr, scans_per_s=args.batch_size / dt,
+                            teacher_share=t_teacher / dt, points=points, skipped=sum(p.skips.values()))
+            if p.it >= run.stop:
+                break
+            if args.save_every and p.it % args.save_every == 0:
+                save_state(run, p)
+        bar.close()
+        if p.batches_done >= run.per_epoch:  # the epoch is complete
+            p.epoch, p.batches_done = p.epoch + 1, 0
+            if p.it < run.stop:  # the final checkpoint is written by main()
+                save_state(run, p)
 
+
+def main(argv=None):
+    args = parse_args(argv)
+    run, p = setup(args)  # every flag checked before data is read; --resume restores p and the states
+    try:
+        train(run, p)
+    except FloatingPointError as e:  # NaN/inf loss: one line naming the last good checkpoint
+        raise SystemExit(f'error: {e}')
+    save_state(run, p)  # model.pth BEFORE the plot and the report: a late failure loses nothing
+    report(run, p)
+    wi.ddp_cleanup()
+    return run.out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plumbing: building the run, checkpoints, the end-of-run report
 
 def load_data(args):
     """The pretraining dataset; a dataset error becomes one line naming --data / --root."""
@@ -1147,8 +1211,9 @@ def load_data(args):
                              'check --root / --version / --split') from None
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def setup(args):
+    """Flags, device, --out, teachers checked (in that order, before any data is read), then the data, the
+    budget, teachers, student, optimizer, loader and log built; --resume restores them. -> (Run, Progress)"""
     if args.workers is None:
         args.workers = 0 if is_toy(args) else 2
     if args.threads is None and is_toy(args) and not torch.cuda.is_available():
@@ -1171,6 +1236,10 @@ def main(argv=None):
     names = [d.name for d in ds.datasets] if hasattr(ds, 'datasets') else [ds.name]
     try:
         per_epoch, total, stop = resolve_budget(args, names, len(ds), world)
+        dataset = DistillDataset(ds, cfg, args.image_size, seed=args.seed, cameras=args.cameras,
+                                 antialias=args.antialias == 'on', preprocess_on=args.preprocess_on)
+        loader = data.make_loader(dataset, args.batch_size, train=True, collate_fn=distill_collate, seed=args.seed,
+                                  workers=args.workers, pin_memory=device.type == 'cuda')
     except ValueError as e:
         raise data.UserError(str(e), '--batch-size', 'lower --batch-size or use more scans') from None
     wi.seed_everything(args.seed)  # a random-init teacher must be the same on every rank and after --resume
@@ -1180,108 +1249,60 @@ def main(argv=None):
     wi.seed_everything(args.seed)  # the student init does not depend on how the teachers were built
     model = build_student(args, cfg, dims, head).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)  # all params decayed
-    r = SimpleNamespace(args=args, out=out, device=device, teachers=teachers, dims=dims, opt=opt,
-                        sched=wi.make_scheduler(opt, args.warmup_iters, total, args.min_lr, args.lr),  # Supp. B.2
-                        scaler=wi.make_grad_scaler(args.amp, device), per_epoch=per_epoch, stop=stop,
-                        config=dict(run_config(args, cfg, dims, head, total, per_epoch), model=model.config),
-                        epoch=0, batches_done=0, it=0, skips={}, t_total=0.0, t_teacher=0.0, scans=0)
-    if args.resume:
-        resume_state(r, model)
-    return run(r, model, ds, cfg, rank, world)
-
-
-def resume_state(r, model):
-    """Restore model / optimizer / schedule / RNG / loop counters from OUT/ckpt_last.pth (checked first)."""
-    path = r.out / 'ckpt_last.pth'
-    ckpt = read_resume_checkpoint(path)
-    check_resume(path, ckpt, r.config)
-    r.epoch, r.it = wi.restore_training_state(ckpt, model, r.opt, r.sched, r.scaler)
-    r.batches_done, r.skips = int(ckpt['batches_done']), dict(ckpt['skips'])
-    wi.print0(f'resumed from {path} at iteration {r.it} (epoch {r.epoch}, batch {r.batches_done})')
-
-
-def run(r, model, ds, cfg, rank, world):
-    """Train, then save the final model BEFORE the plots and the report (a late failure loses nothing)."""
-    args = r.args
+    sched = wi.make_scheduler(opt, args.warmup_iters, total, args.min_lr, args.lr)  # Supp. B.2
+    scaler = wi.make_grad_scaler(args.amp, device)
+    config = dict(run_config(args, cfg, dims, head, total, per_epoch), model=model.config)
+    p = resume(out, config, model, opt, sched, scaler) if args.resume else Progress()
     if args.compile:
         model = torch.compile(model)
-    r.model = wi.wrap_ddp(model, r.device).train()
     if wi.is_main():
-        (r.out / 'config.json').write_text(json.dumps(r.config, indent=1))
-    r.log = wi.CSVLog(r.out / 'log.csv', LOG_FIELDS, resume_iteration=r.it if args.resume else None)
-    r.cfg = cfg
-    r.loader, r.sampler = make_loader(args, ds, cfg, rank, world, r.device)
-    try:
-        train_loop(r)
-    except FloatingPointError as e:
-        raise SystemExit(f'error: {e}')
-    save_state(r)
-    report(r, world)
-    wi.ddp_cleanup()
-    return r.out
+        (out / 'config.json').write_text(json.dumps(config, indent=1))
+    log = wi.CSVLog(out / 'log.csv', LOG_FIELDS, resume_iteration=p.it if args.resume else None)
+    run = Run(args=args, out=out, device=device, world=world, cfg=cfg, teachers=teachers, dims=dims,
+              model=wi.wrap_ddp(model, device).train(), opt=opt, sched=sched, scaler=scaler, loader=loader,
+              log=log, config=config, per_epoch=per_epoch, stop=stop)
+    return run, p
 
 
-def train_loop(r):
-    """Epochs of iterations until r.stop; ckpt_last.pth after every epoch (official.md Sec. 6.1)."""
-    from tqdm import tqdm
-    args = r.args
-    while r.it < r.stop:
-        r.sampler.set_epoch(r.epoch, r.batches_done)
-        bar = tqdm(total=r.per_epoch, initial=r.batches_done, desc=f'epoch {r.epoch}', dynamic_ncols=True,
-                   disable=args.no_progress or not wi.is_main())
-        t_prev = time.perf_counter()
-        for batch in r.loader:
-            loss, lr, t_teacher, points = train_step(r.model, r.teachers, batch, r.dims, r.opt, r.sched, r.scaler,
-                                                     args, r.device, r.it, cfg=r.cfg)
-            r.it, r.batches_done = r.it + 1, r.batches_done + 1
-            for _, reason in batch['skipped']:
-                r.skips[reason] = r.skips.get(reason, 0) + 1
-            now = time.perf_counter()
-            dt, t_prev = now - t_prev, now
-            r.t_total, r.t_teacher, r.scans = r.t_total + dt, r.t_teacher + t_teacher, r.scans + args.batch_size
-            bar.update(1)
-            bar.set_postfix(loss=f'{loss:.4f}', scans_s=f'{args.batch_size / dt:.1f}', lr=f'{lr:.2e}')
-            if r.it % args.log_every == 0 or r.it == r.stop:
-                r.log.log(iteration=r.it, epoch=r.epoch, loss=loss, lr=lr, scans_per_s=args.batch_size / dt,
-                          teacher_share=t_teacher / dt, points=points, skipped=sum(r.skips.values()))
-            if r.it >= r.stop:
-                break
-            if args.save_every and r.it % args.save_every == 0:
-                save_state(r)
-        bar.close()
-        if r.batches_done >= r.per_epoch:
-            r.epoch, r.batches_done = r.epoch + 1, 0
-            if r.it < r.stop:  # the final checkpoint is written by main()
-                save_state(r)
+def resume(out, config, model, opt, sched, scaler):
+    """Model / optimizer / schedule / RNG states and the loop's Progress from OUT/ckpt_last.pth (checked first)."""
+    path = out / 'ckpt_last.pth'
+    ckpt = read_resume_checkpoint(path)
+    check_resume(path, ckpt, config)
+    epoch, it = wi.restore_training_state(ckpt, model, opt, sched, scaler)
+    p = Progress(epoch=epoch, it=it, batches_done=int(ckpt['batches_done']), skips=dict(ckpt['skips']))
+    wi.print0(f'resumed from {path} at iteration {p.it} (epoch {p.epoch}, batch {p.batches_done})')
+    return p
 
 
-def save_state(r):
+def save_state(run, p):
     """ckpt_last.pth (resume) and model.pth (official names + config), both atomic. Every rank calls this
     (training_state gathers the RNG states of all ranks), rank 0 writes."""
-    state = wi.training_state(r.model, r.opt, r.sched, r.scaler, epoch=r.epoch, iteration=r.it, config=r.config,
-                              extra=dict(batches_done=r.batches_done, skips=dict(r.skips)))
+    state = wi.training_state(run.model, run.opt, run.sched, run.scaler, epoch=p.epoch, iteration=p.it,
+                              config=run.config, extra=dict(batches_done=p.batches_done, skips=dict(p.skips)))
     if wi.is_main():
-        wi.save_checkpoint(r.out / 'ckpt_last.pth', **state)
-        wi.save_checkpoint(r.out / 'model.pth', model_point=state['model_point'], config=r.config, iteration=r.it)
+        wi.save_checkpoint(run.out / 'ckpt_last.pth', **state)
+        wi.save_checkpoint(run.out / 'model.pth', model_point=state['model_point'], config=run.config,
+                           iteration=p.it)
 
 
-def report(r, world):
+def report(run, p):
     """Final summary: skipped scans (summed over ranks), throughput, teacher share; loss.png. Runs after the final
     model is saved: a failing plot only warns."""
     reasons = ('missing image', 'unreadable image', 'no point in image', 'no visible point in the FOV')
-    counts = wi.all_reduce_sum(torch.tensor([float(r.skips.get(k, 0)) for k in reasons]))
+    counts = wi.all_reduce_sum(torch.tensor([float(p.skips.get(k, 0)) for k in reasons]))
     if not wi.is_main():
         return
+    out = run.out
     try:
-        wi.plot_log(r.out / 'log.csv', r.out / 'loss.png', ['loss', 'lr'],
-                    title=f'ScaLR distillation ({r.args.data})')
+        wi.plot_log(out / 'log.csv', out / 'loss.png', ['loss', 'lr'], title=f'ScaLR distillation ({run.args.data})')
     except Exception as e:  # noqa: BLE001 - model.pth is already written; the plot is a convenience
-        data.warn(f'could not draw {r.out / "loss.png"} ({type(e).__name__}: {e}); model.pth and log.csv are saved')
+        data.warn(f'could not draw {out / "loss.png"} ({type(e).__name__}: {e}); model.pth and log.csv are saved')
     skipped = ', '.join(f'{int(c)} {k}' for k, c in zip(reasons, counts.tolist()))
-    rate, share = r.scans / max(r.t_total, 1e-9), r.t_teacher / max(r.t_total, 1e-9)
-    print(f'done: {r.out / "model.pth"} | skipped scans: {skipped} | {rate:.2f} scans/s on {world} x '
-          f'{r.device.type} (teacher forward {100 * share:.0f}% of the time) | {r.out / "log.csv"}, '
-          f'{r.out / "loss.png"}', flush=True)
+    rate, share = p.scans / max(p.seconds, 1e-9), p.teacher_seconds / max(p.seconds, 1e-9)
+    print(f'done: {out / "model.pth"} | skipped scans: {skipped} | {rate:.2f} scans/s on {run.world} x '
+          f'{run.device.type} (teacher forward {100 * share:.0f}% of the time) | {out / "log.csv"}, '
+          f'{out / "loss.png"}', flush=True)
 
 
 if __name__ == '__main__':

@@ -47,24 +47,27 @@ import numpy as np
 import data
 
 # ----------------------------------------------------------------------------------------------------------
-# Constants (robo3d.md §1, §3, §4)
+# Constants (Robo3D create/nuscenes_c/*, create/semantickitti_c/*, docs/GET_STARTED.md, README.md; Supp. Tab. 9)
 # ----------------------------------------------------------------------------------------------------------
 CORRUPTIONS = ["fog", "wet_ground", "snow", "motion_blur", "beam_missing", "crosstalk", "incomplete_echo",
                "cross_sensor"]
 SEVERITY_NAMES = {1: "light", 2: "moderate", 3: "heavy"}  # folder names of nuScenes-C
 
-# Special "corrupted point" label ids (robo3d.md §1): they are outside both label maps -> ignore at evaluation
+# Special "corrupted point" label ids (Robo3D fog, snow, crosstalk scripts): they are outside both label maps
+# -> ignore at evaluation
 SPECIAL_LABEL = {"nuscenes": {"fog": 41, "snow": 42, "crosstalk": 43},
                  "semantic_kitti": {"fog": 21, "snow": 22, "crosstalk": 23}}
 
-# Raw label ids of the classes some corruptions need (robo3d.md §1.2, §1.7; raw ids from official.md §1.2-1.3)
+# Raw label ids of the classes some corruptions need (Robo3D create/*/wet_ground/augmentation.py and
+# create/*/incomplete_echo/gen_incomplete_echo.py; raw ids of the nuScenes / SemanticKITTI maps of data.py)
 GROUND_RAW = {"nuscenes": [24, 25, 26],            # driveable_surface, other_flat, sidewalk
               "semantic_kitti": [40, 60, 44, 48, 49]}  # road (+lane-marking), parking, sidewalk, other-ground
 VEHICLE_RAW = {  # one group per 16/19-class vehicle class (incomplete echo works class by class)
     "nuscenes": [[14], [15, 16], [17], [18], [21], [22], [23]],  # bicycle bus car construction motorcycle trailer truck
     "semantic_kitti": [[10, 252], [11], [15], [18, 258], [13, 16, 20, 256, 257, 259]]}  # car bicycle moto truck other
 
-# Per-severity parameters (light, moderate, heavy), robo3d.md §1 summary table
+# Per-severity parameters (light, moderate, heavy), from the scripts of Robo3D create/nuscenes_c/* and
+# create/semantickitti_c/*
 PARAMS = {
     "nuscenes": dict(
         fog_beta=(0.008, 0.05, 0.2),
@@ -88,7 +91,7 @@ PARAMS = {
     ),
 }
 
-# mCE baseline: MinkUNet-18 (cr 1.0), mIoU (%) averaged over the 3 severities (robo3d.md §3.2)
+# mCE baseline: MinkUNet-18 (cr 1.0), mIoU (%) averaged over the 3 severities (Robo3D README.md, docs/GET_STARTED.md)
 BASELINE = {
     "nuscenes": dict(clean=75.76, fog=53.64, wet_ground=73.91, snow=40.35, motion_blur=73.39, beam_missing=68.54,
                      crosstalk=26.58, incomplete_echo=63.83, cross_sensor=50.95),
@@ -96,10 +99,11 @@ BASELINE = {
                            beam_missing=56.32, crosstalk=58.34, incomplete_echo=54.43, cross_sensor=46.05),
 }
 
-# ScaLR Supp. Tab. 9 (nuScenes-C), robo3d.md §4.2: name -> (mCE, mRR, 8 corruption mIoUs in CORRUPTIONS order,
+# ScaLR Supp. Tab. 9 (nuScenes-C, Appendix A): name -> (mCE, mRR, 8 corruption mIoUs in CORRUPTIONS order,
 # clean mIoU). Clean is not printed in Tab. 9: for the first 4 rows it is Robo3D's published clean mIoU
-# (robo3d.md §4.1); for the others it is the value implied by the published mRR (robo3d.md §3.4), so for those
-# rows the mRR check only verifies rounding consistency. PPKT's published mCE is 0.3 off its own columns.
+# (nuScenes-C table of the Robo3D README.md); for the others it is the value implied by the published mRR
+# (mean of the 8 mIoUs / mRR), so for those rows the mRR check only verifies rounding consistency. PPKT's
+# published mCE is 0.3 off its own columns.
 TAB9 = {
     "Cylinder3D": (105.6, 78.1, [61.4, 71.0, 58.4, 56.0, 64.2, 45.4, 60.0, 43.0], 73.54),
     "2DPASS": (98.6, 75.2, [64.5, 76.8, 54.5, 62.0, 67.8, 34.4, 63.2, 45.8], 77.92),
@@ -118,8 +122,8 @@ TAB9 = {
 # Ring ids and small helpers
 # ----------------------------------------------------------------------------------------------------------
 def kitti_ring_ids(points):
-    """Robo3D's get_kitti_ringID (robo3d.md §1): a new ring starts where the azimuth wraps around in the
-    native point order of the HDL-64 .bin (proj_x jumps from > 0.8 to < 0.2). (N,) int64 in 0..63."""
+    """Robo3D's get_kitti_ringID (create/semantickitti_c/ scripts): a new ring starts where the azimuth wraps
+    around in the native point order of the HDL-64 .bin (proj_x jumps from > 0.8 to < 0.2). (N,) int64 in 0..63."""
     yaw = -np.arctan2(points[:, 1], -points[:, 0])
     proj_x = 0.5 * (yaw / np.pi + 1.0)  # (N,) azimuth in 0..1
     starts = np.zeros(len(points), dtype=np.int64)
@@ -163,7 +167,7 @@ def _semantic(labels):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Fog (robo3d.md §1.1) — APPROXIMATION of the precomputed LiDAR_fog_sim tables
+# Fog (Robo3D create/*/fog/fog_simulation.py) — APPROXIMATION of the precomputed LiDAR_fog_sim tables
 # ----------------------------------------------------------------------------------------------------------
 FOG_ALPHAS = (0.0, 0.005, 0.01, 0.02, 0.03, 0.06)  # extinction coefficient drawn per scan
 FOG = dict(c=299792458.0, tau_h=20e-9, r_1=0.9, r_2=1.0, gamma=1e-6, noise=10.0)  # LiDAR_fog_sim constants
@@ -182,7 +186,7 @@ def fog_integral_table(alpha, n_range=2000, r_range=200.0, n_time=400):
       r = R - c t / 2      (pulse P_0 sin^2 convolved with the fog impulse response, LiDAR_fog_sim)
     evaluated at R in linspace(0, r_range, n_range), with P_soft = 0 for R > R0; the argmax gives
     (fog_distance [m], fog_integral [s / m^2]). Returns two (2001,) arrays indexed by round(10 * R0).
-    Grid: the generator script builds ParameterSet(n=2000, r_range=200) (robo3d.md quotes the class defaults
+    Grid: the generator script builds ParameterSet(n=2000, r_range=200) (the class defaults are
     linspace(0, 100, 500)); the peak sits ~4.6 m ahead of the sensor either way."""
     c, tau_h = FOG["c"], FOG["tau_h"]
     R = np.linspace(0.0, r_range, n_range)  # (n_range,) candidate fog ranges
@@ -202,8 +206,9 @@ def fog_integral_table(alpha, n_range=2000, r_range=200.0, n_time=400):
 
 
 def corrupt_fog(points, labels, severity, rng, dataset="nuscenes", alpha=None):
-    """Fog (robo3d.md §1.1). Every point is attenuated by exp(-2 alpha R); where the fog backscatter beats it,
-    the point becomes a fog return closer to the sensor (label 41/21). No point added or removed.
+    """Fog (Robo3D create/*/fog/fog_simulation.py). Every point is attenuated by exp(-2 alpha R); where the fog
+    backscatter beats it, the point becomes a fog return closer to the sensor (label 41/21). No point added or
+    removed.
     alpha: extinction coefficient (default: drawn from FOG_ALPHAS as Robo3D does)."""
     pts, lab = _check_inputs(points, labels, severity, dataset)
     beta = PARAMS[dataset]["fog_beta"][severity - 1]
@@ -283,7 +288,7 @@ def _fresnel_power(n1, n2, cos_i):
 
 def wet_ground_transmission(theta, rho, n_air=1.0003, n_water=1.33):
     """Air -> water film -> ground -> water -> air power coefficient, max over s/p polarisations:
-    T = T_aw(theta) rho T_wa(theta') / (1 - rho R_wa(theta'))   (robo3d.md §1.2 step 4)."""
+    T = T_aw(theta) rho T_wa(theta') / (1 - rho R_wa(theta'))   (Robo3D create/*/wet_ground/)."""
     rs_aw, rp_aw, cos_w = _fresnel_power(n_air, n_water, np.cos(theta))
     rs_wa, rp_wa, _ = _fresnel_power(n_water, n_air, cos_w)
     t_s = (1 - rs_aw) * rho * (1 - rs_wa) / (1 - rho * rs_wa)
@@ -292,8 +297,9 @@ def wet_ground_transmission(theta, rho, n_air=1.0003, n_water=1.33):
 
 
 def corrupt_wet_ground(points, labels, severity, rng, dataset="nuscenes"):
-    """Wet ground (robo3d.md §1.2): ground returns lose power through a water film; those below the adaptive
-    noise floor disappear. Output order = non-ground points, then kept ground points (as Robo3D).
+    """Wet ground (Robo3D create/*/wet_ground/augmentation.py): ground returns lose power through a water film;
+    those below the adaptive noise floor disappear. Output order = non-ground points, then kept ground points
+    (as Robo3D).
     Deterministic (rng unused). Scans with < 1000 ground points are returned unchanged."""
     pts, lab = _check_inputs(points, labels, severity, dataset)
     water_height, noise_floor = PARAMS[dataset]["wet_ground"][severity - 1]
@@ -679,12 +685,12 @@ def corrupt_snow(points, labels, severity, rng, dataset="nuscenes", order=None, 
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Motion blur, beam missing, crosstalk, incomplete echo, cross-sensor (robo3d.md §1.4-1.8) — exact
+# Motion blur, beam missing, crosstalk, incomplete echo, cross-sensor (Robo3D create/*/<corruption>/gen_*.py) — exact
 # ----------------------------------------------------------------------------------------------------------
 def corrupt_motion_blur(points, labels, severity, rng, dataset="nuscenes"):
-    """Motion blur (robo3d.md §1.4): one global translation t ~ N(0, sigma^2) per axis plus per-point jitter
-    dx, dy ~ N(0, (0.1 sigma)^2), dz ~ N(0, (0.05 sigma)^2), each clipped to +-3 sigma. The official code
-    jitters isotropically in x/y (no explicit direction of travel). Labels unchanged."""
+    """Motion blur (Robo3D create/*/motion_blur/): one global translation t ~ N(0, sigma^2) per axis plus
+    per-point jitter dx, dy ~ N(0, (0.1 sigma)^2), dz ~ N(0, (0.05 sigma)^2), each clipped to +-3 sigma. The
+    official code jitters isotropically in x/y (no explicit direction of travel). Labels unchanged."""
     pts, lab = _check_inputs(points, labels, severity, dataset)
     sigma = PARAMS[dataset]["motion_blur"][severity - 1]
     shift = rng.normal(0.0, sigma, 3)  # (3,) global translation
@@ -695,7 +701,7 @@ def corrupt_motion_blur(points, labels, severity, rng, dataset="nuscenes"):
 
 
 def corrupt_beam_missing(points, labels, severity, rng, dataset="nuscenes"):
-    """Beam missing (robo3d.md §1.5): draw ring ids WITH replacement (nuScenes 8/16/24 of rings 2..28,
+    """Beam missing (Robo3D gen_beam_missing.py): draw ring ids WITH replacement (nuScenes 8/16/24 of rings 2..28,
     SemanticKITTI 16/32/48 of rings 4..58) and delete every point of those rings."""
     pts, lab = _check_inputs(points, labels, severity, dataset)
     counts, drop_range = PARAMS[dataset]["beam_missing"]
@@ -705,7 +711,7 @@ def corrupt_beam_missing(points, labels, severity, rng, dataset="nuscenes"):
 
 
 def corrupt_crosstalk(points, labels, severity, rng, dataset="nuscenes"):
-    """Crosstalk (robo3d.md §1.6): int(ratio N) points (without replacement) get N(0, 3^2) noise on x, y, z
+    """Crosstalk (Robo3D gen_crosstalk.py): int(ratio N) points (without replacement) get N(0, 3^2) noise on x, y, z
     AND intensity (unclipped) and the label 43/23 (ignored). No point removed."""
     pts, lab = _check_inputs(points, labels, severity, dataset)
     count = int(PARAMS[dataset]["crosstalk"][severity - 1] * len(pts))
@@ -716,7 +722,7 @@ def corrupt_crosstalk(points, labels, severity, rng, dataset="nuscenes"):
 
 
 def corrupt_incomplete_echo(points, labels, severity, rng, dataset="nuscenes"):
-    """Incomplete echo (robo3d.md §1.7): for each vehicle class with > 10 points in the scan, delete
+    """Incomplete echo (Robo3D gen_incomplete_echo.py): for each vehicle class with > 10 points in the scan, delete
     int(n * drop_ratio) of its points chosen at random (drop ratio 0.75 / 0.85 / 0.95)."""
     pts, lab = _check_inputs(points, labels, severity, dataset)
     ratio = PARAMS[dataset]["incomplete_echo"][severity - 1]
@@ -729,7 +735,7 @@ def corrupt_incomplete_echo(points, labels, severity, rng, dataset="nuscenes"):
 
 
 def corrupt_cross_sensor(points, labels, severity, rng, dataset="nuscenes"):
-    """Cross-sensor (robo3d.md §1.8): drop a FIXED set of rings (8/16/24 of 32, 16/32/48 of 64), then keep
+    """Cross-sensor (Robo3D gen_cross_sensor.py): drop a FIXED set of rings (8/16/24 of 32, 16/32/48 of 64), then keep
     every second remaining point in stored order. Deterministic (rng unused)."""
     pts, lab = _check_inputs(points, labels, severity, dataset)
     drop = PARAMS[dataset]["cross_sensor_rings"][severity - 1]
@@ -789,7 +795,7 @@ def synthetic_scan(n_azimuth=320, n_beams=32, seed=0):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Metrics: CE, RR, mCE, mRR (robo3d.md §3.1)
+# Metrics: CE, RR, mCE, mRR (Robo3D docs/GET_STARTED.md)
 # ----------------------------------------------------------------------------------------------------------
 def robustness_scores(results, baseline="nuscenes"):
     """results: {"clean": %, "<corruption>": % mIoU averaged over the 3 severities, ...} for the 8 CORRUPTIONS.
@@ -872,7 +878,7 @@ def raw_scan(ds, i):
 
 def map_raw_labels(raw, fmt):
     """Raw ids -> 0..K-1 with data.py's class maps; the corruption ids 41/42/43 (21/22/23) and any id outside
-    the map become data.IGNORE (robo3d.md §1: 'a lookup table that sends unknown ids to ignore')."""
+    the map become data.IGNORE (the special ids are in neither label map, see SPECIAL_LABEL)."""
     lut = data.NUSCENES_LUT if fmt == "nuscenes" else data.SEMANTIC_KITTI_LUT
     raw = _semantic(raw)
     mapped = lut[np.clip(raw, 0, len(lut) - 1)]
@@ -880,15 +886,16 @@ def map_raw_labels(raw, fmt):
 
 
 def severity_folder(root, corruption, severity):
-    """<root>/<corruption>/<light|moderate|heavy> (robo3d.md §2); an existing <root>/<corruption>/<1|2|3> is
-    accepted too when reading."""
+    """<root>/<corruption>/<light|moderate|heavy> (Robo3D docs/DATA_PREPARE.md); an existing
+    <root>/<corruption>/<1|2|3> is accepted too when reading."""
     named = Path(root) / corruption / SEVERITY_NAMES[severity]
     numbered = Path(root) / corruption / str(severity)
     return numbered if not named.is_dir() and numbered.is_dir() else named
 
 
 def corrupted_paths(root, corruption, severity, fmt, names):
-    """(points file, label file) of one scan in the nuScenes-C / SemanticKITTI-C layout (robo3d.md §2)."""
+    """(points file, label file) of one scan in the nuScenes-C / SemanticKITTI-C layout (Robo3D
+    docs/DATA_PREPARE.md)."""
     folder = severity_folder(root, corruption, severity)
     if fmt == "nuscenes":
         return (folder / "samples" / "LIDAR_TOP" / names["lidar"],
@@ -1212,7 +1219,7 @@ def plot_corruptions(points, labels, fmt, png, severity=3, seed=1205, extent=50.
         ax.set(xlim=(-extent, extent), ylim=(-extent, extent), aspect="equal",
                title=f"{c.replace('_', ' ')} ({SEVERITY_NAMES[severity]})")
         ax.legend(loc="upper right", markerscale=12, fontsize=8)
-    fig.suptitle("Robo3D corruptions (robo3d.md §1), bird's-eye view, metres")
+    fig.suptitle("Robo3D corruptions, bird's-eye view, metres")
     fig.tight_layout()
     Path(png).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=90)
@@ -1391,7 +1398,7 @@ def main_bench(argv):
 
 
 def _evaluate_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=data.HelpFormatter)
     _data_args(p)
     p.add_argument("--ckpt", default=None, help="finetuned checkpoint ({'net': ...}, finetune.py's model.pth; "
                    "default: the newest runs/finetune*/model.pth)")

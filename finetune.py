@@ -1,11 +1,13 @@
 """finetune.py — finetuning WaffleIron with 1 %, 10 % or 100 % of the labels (ScaLR, CVPR 2024, Supp. B.4).
 
 The distilled model is loaded strictly with its pretraining head, then that head is replaced by the downstream head
-BatchNorm1d(F) + zero-initialised Conv1d(F -> K) (official.md §7, §4.4), and the WHOLE network is trained on a
-labelled subset of one dataset: CE + Lovász (§5.2), the official desynchronised augmentations (§3.3), AdamW without
-weight decay, LR 0 -> 0.002 over the first tenth of the epochs then cosine to 0 (§6.1), stochastic depth 0.2 with the
-same rate in every block (§4.2), BEiT layer-wise LR decay (§6.4). `--scratch` runs the same recipe from random
-weights (the paper's "no pretraining" rows). The mIoU is computed on every original val point (1-NN upsampling, §8).
+BatchNorm1d(F) + zero-initialised Conv1d(F -> K) (as ScaLR finetune.py does), and the WHOLE network is trained on a
+labelled subset of one dataset: CE + Lovász (ScaLR utils/metrics.py), the official desynchronised augmentations
+(ScaLR utils/transforms.py), AdamW without weight decay, LR 0 -> 0.002 over the first tenth of the epochs then
+cosine to 0 (Supp. B.4; stepped every iteration as in ScaLR utils/finetuner.py), stochastic depth 0.2 with the same
+rate in every block (WaffleIron waffleiron/backbone.py), BEiT layer-wise LR decay (ScaLR finetune.py). `--scratch`
+runs the same recipe from random weights (the paper's "no pretraining" rows). The mIoU is computed on every
+original val point (1-NN upsampling, ScaLR utils/finetuner.py).
 
     python distill.py && python finetune.py --fraction 0.1          # toy: distil, then finetune on 10 % of the labels
     python finetune.py --fraction 0.1 --scratch                     # the same recipe from random weights
@@ -25,6 +27,7 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 from tqdm import tqdm
@@ -63,7 +66,7 @@ def drop_rate(text):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=data.HelpFormatter)
     a = p.add_argument
     a("--data", default="toy", choices=FINETUNE_DATASETS, help="downstream dataset (default: the toy world)")
     a("--root", default=None, help="dataset root (default: data.get_dataset's, data/toy for the toy)")
@@ -73,44 +76,45 @@ def parse_args(argv=None):
     a("--scratch", action="store_true", help="no-pretraining baseline: same recipe, random init (architecture of "
                                              "--ckpt if one is found, else --width/--depth)")
     a("--width", type=data.positive_int, default=None,
-      help="backbone width F for --scratch without checkpoint (official §4.3: 768; toy: 64 as distill.py's toy "
+      help="backbone width F for --scratch without checkpoint (ScaLR configs: 768; toy: 64 as distill.py's toy "
            "preset)")
     a("--depth", type=data.positive_int, default=None,
-      help="backbone depth L, same rules as --width (official §4.3: 48; toy: 6)")
+      help="backbone depth L, same rules as --width (ScaLR configs: 48; toy: 6)")
     a("--fraction", type=label_fraction, default=None,
       help="fraction of the labelled train scans used (Supp. B.4: 0.01, 0.1, 1.0; any value in (0, 1]); default "
            "1.0, or with --subset-file the fraction that list holds")
-    a("--subset-file", default=None, help="official 1 %%/10 %% list, e.g. nuscenes-ratio_100-v_0.npy (official "
-                                          "§1.2): train on exactly these scans (the real fraction is printed and "
-                                          "recorded); default: data.label_subset's documented rule")
+    a("--subset-file", default=None, help="official 1 %%/10 %% list, e.g. nuscenes-ratio_100-v_0.npy (ScaLR "
+                                          "release info_datasets.tar.gz): train on exactly these scans (the real "
+                                          "fraction is printed and recorded); default: data.label_subset's "
+                                          "documented rule")
     a("--out", default=None, help="output folder (default runs/finetune[_<data>][_<pct>pct][_scratch])")
     a("--batch-size", type=data.positive_int, default=8, help="global batch size (Supp. B.4: 8)")
     a("--lr", type=data.positive_float, default=0.002, help="peak learning rate of the head (Supp. B.4: 0.002)")
     a("--min-lr", type=data.nonneg_float, default=0.0, help="final learning rate of the cosine (Supp. B.4: 0)")
     a("--weight-decay", type=data.nonneg_float, default=0.0, help="AdamW weight decay (Supp. B.4: none)")
     a("--drop-path", type=drop_rate, default=0.2,
-      help="stochastic depth, same rate in every block (Supp. B.4: 0.2; official §4.2: no linear ramp)")
+      help="stochastic depth, same rate in every block (Supp. B.4: 0.2; WaffleIron backbone.py: no linear ramp)")
     a("--layer-decay", type=data.positive_float, default=None,
       help="layer-wise LR decay (Supp. B.4: 0.95 for 1 %% / 10 %%, 0.99 for 100 %%)")
     a("--epochs", type=data.positive_int, default=None,
       help="training epochs (Supp. B.4: 45 for 1 %% / 10 %%, 25 for 100 %%; toy: see toy_epochs())")
     a("--official-kitti-epochs", action="store_true",
       help="SemanticKITTI 100 %%: the official config's 10 epochs / 1 warmup epoch instead of Supp. B.4's 25 "
-           "(official §6.4, pitfall 16)")
+           "(ScaLR configs/downstream/semantic_kitti/WI_768_finetune_100p.yaml; docs/official.md §1)")
     a("--warmup-epochs", type=data.nonneg_float, default=None,
       help="linear warmup from LR 0 (Supp. B.4: the first tenth of the epochs; official configs 4 / 2 / 1)")
     a("--max-iters", type=data.positive_int, default=None,
       help="stop after this many iterations in total (smoke tests; the LR schedule still spans --epochs)")
     a("--max-points", type=data.positive_int, default=None,
-      help="LimitNumPoints of the training scans (official §3.3: 20000 around a random centre); lower it to save "
-           "memory or time")
+      help="LimitNumPoints of the training scans (ScaLR utils/transforms.py and configs: 20000 around a random "
+           "centre); lower it to save memory or time")
     a("--val-scans", type=data.positive_int, default=None,
       help="evaluate on the first N val scans only (smoke tests; default and paper: the whole val split)")
     a("--knn", type=data.positive_int, default=None,
-      help="neighbours k of the point embedding (official §3.6: 16; default: the k stored in --ckpt by distill.py, "
+      help="neighbours k of the point embedding (Supp. B.2: 16; default: the k stored in --ckpt by distill.py, "
            "else 16; exercise c)")
     a("--cell", type=data.positive_float, default=None,
-      help="grid cell size in metres over the same FOV (official §3.4: 0.5 m, toy 1 m; default: the cell stored in "
+      help="grid cell size in metres over the same FOV (Supp. B.2: 0.5 m, toy 1 m; default: the cell stored in "
            "--ckpt by distill.py, else the official one; exercise d)")
     a("--amp", default="none", choices=["none", "fp16", "bf16"],
       help="autocast (official README runs --fp16 = fp16 + GradScaler; none = fp32)")
@@ -118,6 +122,7 @@ def parse_args(argv=None):
     a("--device", default=None, help="torch device: cpu, cuda or cuda:N (default: cuda if available, else cpu; "
                                      "under torchrun each process takes its local GPU)")
     a("--seed", type=int, default=0, help="seed for init, shuffling and augmentations (official: none)")
+    a("--unseen-as-zero", action="store_true", help=wi.UNSEEN_AS_ZERO_HELP)
     a("--eval-every", type=data.nonneg_int, default=0,
       help="validate every N epochs as well (official validates every epoch; 0 = only at the end)")
     a("--resume", action="store_true", help="continue bit-exactly from --out/ckpt_last.pth (same flags)")
@@ -128,13 +133,14 @@ def parse_args(argv=None):
 
 
 def paper_recipe(data_name, fraction, official_kitti_epochs=False):
-    """(epochs, warmup epochs, layer decay) of Supp. B.4 (official §6.4)."""
+    """(epochs, warmup epochs, layer decay) of Supp. B.4 (ScaLR configs/downstream/*/WI_768_finetune_*.yaml)."""
     if fraction < 1.0:
         epochs, decay = 45, 0.95  # Supp. B.4: "45 epochs ... 0.95 when using 1% and 10% of available data"
     else:
         epochs, decay = 25, 0.99  # Supp. B.4: "25 epochs and a layer decay parameter of 0.99" for 100 %
         if official_kitti_epochs and data.label_space(data_name) == "semantic_kitti":
-            epochs = 10  # official KITTI 100 % config (official §6.4): 10 epochs, 1 warmup epoch
+            # official KITTI 100 % config (ScaLR configs/downstream/semantic_kitti/WI_768_finetune_100p.yaml):
+            epochs = 10  # 10 epochs, 1 warmup epoch
     # Supp. B.4: warmup "during the first tenth of epochs" (official configs: 45 -> 4, 25 -> 2, 10 -> 1)
     return epochs, epochs // 10, decay
 
@@ -196,7 +202,7 @@ def subset_from_file(train_ds, subset_file, out_dir=None):
 
 def training_subset(train_ds, fraction, subset_file=None, out_dir=None):
     """Indices of the labelled scans. With `subset_file`: exactly the scans of that list (the official 1 % / 10 %
-    lists, official §1.2), whatever `fraction` says (a --fraction the list does not match is warned about).
+    lists of the ScaLR release), whatever `fraction` says (a --fraction the list does not match is warned about).
     Otherwise data.label_subset (KITTI every 100th file / documented rule); refuses a fraction whose subset would
     hold less than one scan, saying how many scans it would take. fraction None = 1.0."""
     n = len(train_ds)
@@ -218,8 +224,8 @@ def training_subset(train_ds, fraction, subset_file=None, out_dir=None):
 
 
 def fit_batch_size(batch_size, num_scans, world):
-    """Official drop_last=True (§6.1): a subset smaller than one global batch gives no step at all. Shrink the
-    batch to the largest multiple of the number of processes that fits (printed), or explain what to do."""
+    """Official drop_last=True (ScaLR finetune.py): a subset smaller than one global batch gives no step at all.
+    Shrink the batch to the largest multiple of the number of processes that fits (printed), or explain what to do."""
     if num_scans >= batch_size:
         return batch_size
     fitted = num_scans - num_scans % world
@@ -232,14 +238,14 @@ def fit_batch_size(batch_size, num_scans, world):
 
 def segmentation_loader(ds, cfg, args, train, subset=None):
     """make_loader over SegmentationDataset: global batch split over ranks, shuffle + drop_last for training
-    (official §6.1), every val scan exactly once (no DistributedSampler padding)."""
-    seg = data.SegmentationDataset(ds, cfg, train=train, subset=subset)
-    return wi.make_loader(seg, args.batch_size, train=train, collate_fn=data.collate, seed=args.seed,
+    (as ScaLR finetune.py), every val scan exactly once (no DistributedSampler padding)."""
+    seg = data.SegmentationDataset(ds, cfg, train=train, subset=subset, seed=args.seed)
+    return data.make_loader(seg, args.batch_size, train=train, collate_fn=data.collate, seed=args.seed,
                           workers=args.workers)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Model: strict load of the pretrain-shaped network, stochastic depth, downstream head (official §7, §4.2, §4.4).
+# Model: strict load of the pretrain-shaped network, stochastic depth, downstream head (ScaLR finetune.py).
 # ----------------------------------------------------------------------------------------------------------------
 def segmentation_classes(head):
     """Number of classes of an official downstream head Sequential(BatchNorm1d, Conv1d), else None (a
@@ -251,7 +257,7 @@ def segmentation_classes(head):
 
 
 def set_drop_path(model, rate):
-    """Stochastic depth with the SAME rate in every block (official §4.2, pitfall 12: no linear ramp over depth);
+    """Stochastic depth with the SAME rate in every block (WaffleIron backbone.py: no linear ramp over depth);
     returns the rates of the 2L residual branches, block by block (SpatialMix_i, ChannelMix_i)."""
     rates = []
     for spatial, channel in zip(model.waffleiron.spatial_mix, model.waffleiron.channel_mix):
@@ -263,7 +269,7 @@ def set_drop_path(model, rate):
 
 
 def attach_segmentation_head(model, num_classes, ckpt):
-    """Official §7 step 4: the pretraining head is replaced by BN + zero-init Conv1d(F -> K) (§4.4). A checkpoint
+    """As in ScaLR finetune.py, the pretraining head is replaced by BN + zero-init Conv1d(F -> K). A checkpoint
     that already has a K-class segmentation head (e.g. probe.py's or ours) keeps it; one with another class count
     is re-initialised with a WARNING, never silently kept."""
     have = segmentation_classes(model.classif)
@@ -272,11 +278,11 @@ def attach_segmentation_head(model, num_classes, ckpt):
         return model
     if have is not None:
         msg = (f"WARNING: the segmentation head of {ckpt} has {have} classes but the dataset has {num_classes}: "
-               f"the head is RE-INITIALISED (BN + zero-init Conv1d, official §4.4); only the backbone is reused")
+               f"the head is RE-INITIALISED (BN + zero-init Conv1d, as in ScaLR); only the backbone is reused")
         warnings.warn(msg, HeadReinitialisedWarning, stacklevel=2)
         wi.print0(msg)
     else:
-        wi.print0(f"official §7: pretraining head of {ckpt} discarded -> BatchNorm1d({wi.backbone_width(model)}) + "
+        wi.print0(f"as in ScaLR: pretraining head of {ckpt} discarded -> BatchNorm1d({wi.backbone_width(model)}) + "
                   f"zero-init Conv1d({wi.backbone_width(model)} -> {num_classes})")
     model.set_head(wi.seg_head(wi.backbone_width(model), num_classes))
     return model
@@ -287,7 +293,7 @@ def build_model(args, cfg, num_classes):
     Returns (model, checkpoint whose weights are used or None, where the architecture came from)."""
     ckpt = wi.resolve_backbone_checkpoint(args.ckpt, "--scratch", args.scratch)
     if ckpt is not None and not args.scratch:
-        # official §7: strip 'module.', build the pretrain-shaped model, load_state_dict(strict=True)
+        # ScaLR finetune.py: strip 'module.', build the pretrain-shaped model, load_state_dict(strict=True)
         model = wi.load_checkpoint(ckpt, grids=cfg.grids)
         wi.check_backbone_shape(model, ckpt, args.width, args.depth)
         model = attach_segmentation_head(model, num_classes, ckpt)
@@ -304,23 +310,24 @@ def build_model(args, cfg, num_classes):
         torch.manual_seed(args.seed)
         model = wi.WaffleIron(input_channels=5, feat_channels=width, depth=depth, nb_class=num_classes,
                               grids=cfg.grids, layer_norm=True, drop_path=args.drop_path)
-        model.set_head(wi.seg_head(width, num_classes))  # official §4.4 head, also for the baseline
+        model.set_head(wi.seg_head(width, num_classes))  # ScaLR finetune.py head, also for the baseline
     set_drop_path(model, args.drop_path)
     return model, (None if args.scratch else ckpt), arch_from
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Evaluation and results (official §5.3, §8): a thin layer over waffleiron.evaluate, shared with eval_robust.py.
+# Evaluation and results (ScaLR utils/finetuner.py): a thin layer over waffleiron.evaluate, shared with
+# eval_robust.py.
 # ----------------------------------------------------------------------------------------------------------------
 def evaluate_split(model, ds, cfg, args, device):
     """((K, K) confusion matrix over every original point of the scorable scans of `ds`, number of scans skipped
     because they cannot be scored, both summed over DDP ranks; number of scans evaluated). Val preprocessing:
-    deterministic voxel point, no point limit, 1-NN upsampling (official §8)."""
+    deterministic voxel point, no point limit, 1-NN upsampling (ScaLR datasets/pc_dataset.py)."""
     subset = list(range(min(len(ds), args.val_scans))) if args.val_scans else None
     seg = data.ScorableScans(data.SegmentationDataset(ds, cfg, train=False, subset=subset))
-    batches = data.ScoredBatches(wi.make_loader(seg, args.batch_size, train=False,
-                                                 collate_fn=data.collate_scorable, seed=args.seed,
-                                                 workers=args.workers))
+    batches = data.ScoredBatches(data.make_loader(seg, args.batch_size, train=False,
+                                                   collate_fn=data.collate_scorable, seed=args.seed,
+                                                   workers=args.workers))
     cm = wi.evaluate(model, batches, len(ds.class_names), device, amp=args.amp)
     return cm, int(wi.all_reduce_sum(torch.tensor(len(batches.skipped))).item()), len(seg)
 
@@ -394,25 +401,27 @@ def resume_state(path, config):
 
 
 def train_step(net, batch, opt, sched, scaler, device, amp, it):
-    """One iteration on a collated batch; returns (loss, {'ce', 'lovasz'})."""
+    """One iteration on a collated batch; returns (loss, {'ce', 'lovasz'}, lr of the head group used)."""
     inputs = [batch[k].to(device, non_blocking=True) for k in ("feat", "cells", "neighbors", "occupied")]
     labels = batch["labels"].to(device)  # (ΣM,) kept points of every scan, concatenated
     with wi.autocast_context(device, amp):
         out = net(*inputs)  # (B, K, Nmax)
     logits = wi.unpad_points(out, batch["num_points"])  # (ΣM, K), the order of `labels`
-    # official §5.2: CE (ignore 255) + 1.0 * Lovász-softmax
+    # ScaLR utils/metrics.py: CE (ignore 255) + 1.0 * Lovász-softmax
     loss, parts = wi.seg_loss(logits, labels, return_parts=True)
     wi.check_finite(loss, it + 1)  # 1-based, as log.csv
+    lr = opt.param_groups[-1]["lr"]  # the lr of this step, head group (layer id L + 1, scale 1); the first is 0
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(opt)
     scaler.update()
-    sched.step()  # official §6.1: stepped every iteration
-    return loss, parts
+    sched.step()  # ScaLR utils/finetuner.py: stepped every iteration
+    return loss, parts, lr
 
 
 def make_optimizer(model, args, iters_per_epoch):
-    """AdamW over layer-decay groups (Supp. B.4, official §6.4) + per-iteration warmup-cosine LambdaLR (§6.1)."""
+    """AdamW over layer-decay groups (Supp. B.4, ScaLR finetune.py) + per-iteration warmup-cosine LambdaLR
+    (ScaLR utils/scheduler.py)."""
     groups = wi.layer_decay_param_groups(model, args.lr, args.layer_decay, args.weight_decay)
     opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
     # Supp. B.4: LR 0 -> lr during the first tenth of the epochs, then cosine to min_lr (= 0)
@@ -422,15 +431,18 @@ def make_optimizer(model, args, iters_per_epoch):
 
 
 def train(args, model, train_loader, val_ds, cfg, config, device, out, st=None):
-    """Finetunes the whole network, continuing from the training state `st` of --resume if given; returns the
-    number of iterations done."""
+    """Finetunes the whole network, continuing from the training state `st` of --resume if given; returns (number
+    of iterations done, labelled training points seen per class summed over ranks: the classes never seen in
+    training, see waffleiron.summarise_confusion)."""
     net = wi.wrap_ddp(model, device)
     ipe = len(train_loader)
     opt, sched = make_optimizer(model, args, ipe)
     scaler = wi.make_grad_scaler(args.amp, device)
     total, it = args.epochs * ipe, 0
+    counts = np.zeros(len(config["class_names"]), dtype=np.int64)
     if st is not None:
         _, it = wi.restore_training_state(st, model, opt, sched, scaler, model_key="net")
+        counts = np.asarray(st.get("train_counts", counts), dtype=np.int64)
         wi.print0(f"resumed from {out / 'ckpt_last.pth'} at iteration {it} (epoch {it // ipe}, batch {it % ipe})")
     log = wi.CSVLog(out / "log.csv", ["epoch", "iteration", "lr", "loss", "ce", "lovasz", "val_miou"],
                     resume_iteration=it if st is not None else None)
@@ -438,28 +450,29 @@ def train(args, model, train_loader, val_ds, cfg, config, device, out, st=None):
     bar = tqdm(total=stop, initial=it, desc="finetune", disable=not wi.is_main())
     while it < stop:
         epoch, done = divmod(it, ipe)
-        wi.set_epoch(train_loader, epoch, batches_done=done)  # mid-epoch resume skips the batches already seen
+        data.set_epoch(train_loader, epoch, batches_done=done)  # mid-epoch resume skips the batches already seen
         net.train()
         for batch in train_loader:
-            loss, parts = train_step(net, batch, opt, sched, scaler, device, args.amp, it)
+            loss, parts, head_lr = train_step(net, batch, opt, sched, scaler, device, args.amp, it)
             it += 1
-            head_lr = opt.param_groups[-1]["lr"]  # the head group (layer id L + 1, scale 1)
+            counts += wi.label_counts(batch["labels"], len(counts))
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}", lr=f"{head_lr:.2e}")
             loss = wi.all_reduce_mean(loss.detach())  # the loss of the global batch (rank 0 logs it)
             log.log(epoch=epoch, iteration=it, lr=head_lr, loss=loss.item(), **parts)
             if it >= stop:
                 break
-        state = wi.training_state(model, opt, sched, scaler, it // ipe, it, model_key="net", config=config)
+        state = wi.training_state(model, opt, sched, scaler, it // ipe, it, model_key="net", config=config,
+                                  extra={"train_counts": counts.tolist()})
         if wi.is_main():  # after every epoch and when stopping early (--max-iters): atomic
             wi.save_checkpoint(out / "ckpt_last.pth", **state)
         if args.eval_every and it % ipe == 0 and (it // ipe) % args.eval_every == 0 and it < total:
             miou = wi.summarise_confusion(evaluate_split(model, val_ds, cfg, args, device)[0],
-                                          config["class_names"])["miou"]
+                                          config["class_names"], counts, not args.unseen_as_zero)["miou"]
             log.log(epoch=epoch, iteration=it, val_miou=miou)
             wi.print0(f"epoch {epoch + 1}: val mIoU {miou:.1f}")
     bar.close()
-    return it
+    return it, wi.all_reduce_sum(counts)
 
 
 def resolve_budget(args, num_train_scans, world):
@@ -483,7 +496,7 @@ def resolve_budget(args, num_train_scans, world):
               + (f"; stopping after {args.max_iters} iterations (--max-iters)" if args.max_iters else ""))
 
 
-def finish(args, model, ckpt, class_names, val_ds, cfg, config, device, out, iters, t0):
+def finish(args, model, ckpt, class_names, val_ds, cfg, config, device, out, iters, t0, counts=None):
     """model.pth FIRST (a finished training is never lost to a late failure), then the val evaluation (scans
     that cannot be scored are skipped, counted and reported next to the mIoU), the plots and results.json."""
     if wi.is_main():
@@ -504,7 +517,8 @@ def finish(args, model, ckpt, class_names, val_ds, cfg, config, device, out, ite
         "ckpt": None if ckpt is None else str(ckpt), "data": args.data, "fraction": args.fraction_used,
         "fraction_requested": args.fraction, "subset_file": args.subset_file, "scratch": args.scratch,
         "num_train_scans": config["num_train_scans"], "iterations": iters})
-    wi.segmentation_report(cm, class_names, out, title=title, extra=extra)
+    wi.segmentation_report(cm, class_names, out, title=title, extra=extra, train_counts=counts,
+                           unseen_as_nan=not args.unseen_as_zero)
 
 
 def main(argv=None):
@@ -548,10 +562,10 @@ def main(argv=None):
     t0 = time.time()
     train_loader = segmentation_loader(train_ds, cfg, args, train=True, subset=subset)
     try:
-        iters = train(args, model, train_loader, val_ds, cfg, config, device, out, st)
+        iters, counts = train(args, model, train_loader, val_ds, cfg, config, device, out, st)
     except FloatingPointError as err:  # as distill.py: one line, the last good ckpt_last.pth kept
         raise SystemExit(wi.diverged_message(err, out)) from None
-    finish(args, model, ckpt, class_names, val_ds, cfg, config, device, out, iters, t0)
+    finish(args, model, ckpt, class_names, val_ds, cfg, config, device, out, iters, t0, counts)
     wi.ddp_cleanup()
 
 

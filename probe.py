@@ -3,9 +3,9 @@ Appendix C (Fig. 2: PCA colours; Fig. 3: similarity to a class prototype).
 
 Linear probing is the paper's main measure of feature quality. The pretrained backbone is frozen (eval mode, no
 gradient, BatchNorm running statistics untouched); its distillation head is replaced by the downstream head
-BatchNorm1d(F) + zero-initialised Conv1d(F -> K) (official.md §4.4), trained with CE + Lovász (§5.2) and the
-official desynchronised augmentations (§3.3); the mIoU is computed on every original point of the val split
-through 1-NN upsampling (§8, §5.3).
+BatchNorm1d(F) + zero-initialised Conv1d(F -> K) (WaffleIron waffleiron/segmenter.py), trained with CE + Lovász
+and the official desynchronised augmentations (ScaLR utils/transforms.py); the mIoU is computed on every original
+point of the val split through 1-NN upsampling (docs/official.md §2).
 
     python distill.py && python probe.py                 # toy world: distil, then probe (minutes on 2 CPU cores)
     python probe.py --random-init                        # the no-pretraining baseline (same architecture)
@@ -17,12 +17,10 @@ Outputs in --out: results.json, per_class_iou.png, log.csv, loss.png, model.pth 
 network with its probe head, official tensor names, readable by waffleiron.load_checkpoint), ckpt_last.pth
 (everything --resume needs). The last line printed is `mIoU: X` (%, official nanmean over classes).
 
-Toy world, defaults (`python distill.py && python probe.py --compare-random`), 2-core CPU shared with other jobs
-(load average ~8): distilled WI-6-64 (distill.py toy defaults, a RANDOMLY initialised tiny teacher offline) 35.8
-mIoU vs --random-init 26.6 mIoU (+9.2), each probe 1.8-3.4 min: trunk features cached once (56-108 s), then the
-head's 120 full-batch steps (0.4-0.8 s per step), evaluation < 1 s (the line `time: ...` of each run). With a
-random teacher the student cannot inherit semantics, so the paper's gap needs real teacher weights
-(distill.py --teacher-weights).
+On the toy world, `python distill.py && python probe.py --compare-random` probes the distilled WI-6-64 and a
+random-init one of the same shape and prints both mIoU; README ("What line 1 gives") has the measured figures and
+times. The toy teacher is a RANDOMLY initialised tiny ViT (offline): the student inherits image appearance, not
+DINOv2's semantics; real teacher weights (distill.py --teacher-weights) are what the paper measures.
 """
 import argparse
 import json
@@ -67,7 +65,7 @@ TOY_POINTS = 512
 # Command line: every default cites where it comes from.
 # ----------------------------------------------------------------------------------------------------------------
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=data.HelpFormatter)
     p.add_argument("--data", default="toy", choices=PROBE_DATASETS,
                    help="downstream dataset (default: the toy world, as every stage)")
     p.add_argument("--root", default=None, help="dataset root (default: data.get_dataset's, data/toy for the toy)")
@@ -95,7 +93,8 @@ def parse_args(argv=None):
     p.add_argument("--min-lr", type=data.nonneg_float, default=1e-5,
                    help="final learning rate of the cosine (Supp. B.3: 1e-5; ScaLR+ uses 0)")
     p.add_argument("--weight-decay", type=data.nonneg_float, default=3e-3,
-                   help="AdamW weight decay, also on the head BN (Supp. B.3 and official §6.3: 3e-3)")
+                   help="AdamW weight decay, also on the head BN (Supp. B.3 and ScaLR configs/*/WI_768_linprob.yaml: "
+                        "3e-3)")
     p.add_argument("--warmup-epochs", type=data.nonneg_float, default=2,
                    help="linear warmup from LR 0 (Supp. B.3: 2 epochs)")
     p.add_argument("--epochs", type=data.positive_int, default=None,
@@ -107,7 +106,8 @@ def parse_args(argv=None):
                    help="train the head on this many random points per scan and step (ours, for CPU speed; "
                         f"default: all kept points as Supp. B.3; toy: {TOY_POINTS} with --full-batch, else 2048)")
     p.add_argument("--aug", default=None, action=argparse.BooleanOptionalAction,
-                   help="official downstream augmentations, official §3.3 (default on; off on the toy, where "
+                   help="official downstream augmentations, ScaLR utils/transforms.py (default on; off on the toy, "
+                        "where "
                         "features are cached instead)")
     p.add_argument("--cache-features", default="auto", choices=["auto", "none", "memory", "disk"],
                    help="store the frozen trunk's features of every scan once (needs --no-aug) so later epochs only "
@@ -128,15 +128,13 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed for shuffling and augmentations (official: none)")
     p.add_argument("--eval-every", type=data.nonneg_int, default=0,
                    help="validate every N epochs as well (official validates every epoch; 0 = only at the end)")
-    p.add_argument("--unseen-as-zero", action="store_true",
-                   help="official metric (official.md §5.3): a class with val points but never seen in training "
-                        "counts in the mIoU (usually IoU 0); default: issue 7, such a class is reported as NaN and "
-                        "left out of the mIoU")
+    p.add_argument("--unseen-as-zero", action="store_true", help=wi.UNSEEN_AS_ZERO_HELP)
     p.add_argument("--knn", type=data.positive_int, default=None,
-                   help="neighbours k of the point embedding (official §3.6: 16; default: the k stored in --ckpt "
+                   help="neighbours k of the point embedding (16 as ScaLR datasets/pc_dataset.py; default: the k "
+                        "stored in --ckpt "
                         "by distill.py, else 16; exercise c)")
     p.add_argument("--cell", type=data.positive_float, default=None,
-                   help="grid cell size in metres over the same FOV (official §3.4: 0.5 m, toy 1 m; default: the "
+                   help="grid cell size in metres over the same FOV (official configs 0.5 m, toy 1 m; default: the "
                         "cell stored in --ckpt by distill.py, else the official one; exercise d)")
     p.add_argument("--resume", action="store_true", help="continue from --out/ckpt_last.pth (same flags)")
     p.add_argument("--overwrite", action="store_true",
@@ -200,7 +198,7 @@ def open_split(args, split):
 
 def ordered_loader(ds, cfg, batch_size, workers, indices):
     """DataLoader over scans `indices` in order, val-style preprocessing (deterministic voxel point, no point limit,
-    no augmentation, 1-NN upsample index; official §3.3, §8)."""
+    no augmentation, 1-NN upsample index; docs/official.md §2)."""
     seg = data.ScorableScans(data.SegmentationDataset(ds, cfg, train=False, subset=indices))
     return data.ScoredBatches(DataLoader(seg, batch_size=batch_size, shuffle=False, num_workers=workers,
                                          collate_fn=data.collate_scorable))
@@ -210,7 +208,8 @@ def ordered_loader(ds, cfg, batch_size, workers, indices):
 # Model: frozen backbone + trainable segmentation head.
 # ----------------------------------------------------------------------------------------------------------------
 def reinitialise(model, seed):
-    """Fresh default PyTorch init of every layer (WaffleIron has no custom init, official §4.2), BN stats reset."""
+    """Fresh default PyTorch init of every layer (WaffleIron waffleiron/backbone.py has no custom init), BN stats
+    reset."""
     torch.manual_seed(seed)
     for m in model.modules():
         if m is not model and hasattr(m, "reset_parameters"):
@@ -233,14 +232,15 @@ def build_model(args, cfg, num_classes):
         torch.manual_seed(args.seed)
         model = wi.WaffleIron(input_channels=5, feat_channels=width, depth=depth, nb_class=num_classes,
                               grids=cfg.grids, layer_norm=True)
-    # official §4.4: the pretrained head is discarded; BN(F) + zero-init Conv1d(F -> K)
+    # the pretrained head is discarded; BN(F) + zero-init Conv1d(F -> K) (docs/official.md §2)
     model.set_head(wi.seg_head(wi.backbone_width(model), num_classes))
     arch_from = ckpt if ckpt is not None else f"--width {wi.backbone_width(model)} --depth {wi.backbone_depth(model)}"
     return model, (None if args.random_init else ckpt), arch_from
 
 
 def freeze_backbone(model):
-    """Official §4.4 (LP): every parameter except `classif` frozen; whole net in eval mode but the head's BN."""
+    """Linear probing (docs/official.md §2): every parameter except `classif` frozen; whole net in eval mode but
+    the head's BN."""
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith("classif."))
     model.eval()
@@ -275,7 +275,7 @@ def scan_records(model, batch, device, amp):
 
 def head_logits(head, feats_list, device, amp):
     """Head on the real points of a batch: features concatenated to (1, F, ΣM) -> logits (ΣM, K) float32.
-    (Official feeds the padded (B, F, Nmax) map, so padding enters the head BN statistics, official §11.10; we
+    (Official feeds the padded (B, F, Nmax) map, so padding enters the head BN statistics; we
     drop it so that cached and live features give the very same statistics.)"""
     x = torch.cat([f.to(device).float() for f in feats_list], dim=1)[None]  # (1, F, ΣM)
     with wi.autocast_context(device, amp):
@@ -337,7 +337,7 @@ def cached_epoch_batches(keys, batch_size, epoch, seed):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Evaluation and results (official §5.3, §8).
+# Evaluation and results (ScaLR utils/metrics.py: confusion over the whole split, nanmean).
 # ----------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def confusion_of_records(head, records, num_classes, device, amp):
@@ -355,14 +355,15 @@ def confusion_of_records(head, records, num_classes, device, amp):
 # Where the head's inputs come from: the frozen trunk on every batch (live) or the feature cache.
 # ----------------------------------------------------------------------------------------------------------------
 class LiveFeatures:
-    """Runs the frozen trunk on every batch (needed with augmentations, official §3.3). subset: dataset indices
+    """Runs the frozen trunk on every batch (needed with the augmentations of ScaLR utils/transforms.py). subset:
+    dataset indices
     used (None: all)."""
 
     def __init__(self, model, ds, cfg, args, device, train, subset=None):
         self.model, self.device, self.amp = model, device, args.amp
-        seg = data.SegmentationDataset(ds, cfg, train=train and args.aug, subset=subset)
-        # official §6.1: global batch split over ranks, shuffle + drop_last for training; val: every scan once
-        self.loader = wi.make_loader(seg, args.batch_size, train=train, collate_fn=data.collate, seed=args.seed,
+        seg = data.SegmentationDataset(ds, cfg, train=train and args.aug, subset=subset, seed=args.seed)
+        # global batch split over ranks, shuffle + drop_last for training; val: every scan once (data.EpochSampler)
+        self.loader = data.make_loader(seg, args.batch_size, train=train, collate_fn=data.collate, seed=args.seed,
                                      workers=args.workers)
 
     @property
@@ -371,7 +372,7 @@ class LiveFeatures:
 
     def epoch(self, epoch):
         """Yields (list of (F, M_b) features, (ΣM,) labels) for one shuffled epoch."""
-        wi.set_epoch(self.loader, epoch)
+        data.set_epoch(self.loader, epoch)
         for batch in self.loader:
             yield batch_features(self.model, batch, self.device, self.amp), batch["labels"]
 
@@ -389,8 +390,8 @@ class CachedFeatures:
         scans = list(range(len(ds))) if subset is None else list(subset)
         self.full_batch = bool(train and getattr(args, "full_batch", False))
         # this rank's scans: train trimmed so that every rank does the same number of steps, val every scan once
-        indices = [scans[j] for j in wi.EpochSampler(len(scans), shuffle=False, rank=rank, world_size=world,
-                                                     drop_last=train)]
+        kept = len(scans) - (len(scans) % world if train else 0)
+        indices = scans[:kept][rank::world]
         self.batch_size, self.seed = max(1, args.batch_size // world), args.seed
         if train and not self.full_batch and len(indices) < self.batch_size:
             raise SystemExit(f"the training split has {len(scans)} scans, fewer than one batch of {args.batch_size} "
@@ -511,9 +512,9 @@ def head_step(train_head, opt, sched, scaler, feats_list, labels, args, device, 
         feats_list, labels = subsample_points(feats_list, labels, args.head_points,
                                               np.random.default_rng([args.seed, it]))
     logits = head_logits(train_head, feats_list, device, args.amp)  # (ΣM, K)
-    loss, parts = wi.seg_loss(logits, labels.to(device), return_parts=True)  # official §5.2: CE + Lovász
+    loss, parts = wi.seg_loss(logits, labels.to(device), return_parts=True)  # CE + Lovász (docs/official.md §2)
     wi.check_finite(loss, it + 1)  # 1-based, as log.csv
-    lr = opt.param_groups[0]["lr"]  # the lr of this step (the first one is 0, official §6.1)
+    lr = opt.param_groups[0]["lr"]  # the lr of this step (the first one is 0, ScaLR utils/scheduler.py)
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(opt)
@@ -529,7 +530,8 @@ def train_probe(args, model, train_src, val_src, config, device, out):
     train_head = wi.wrap_ddp(head, device)  # DDP on the head only: the trunk has no gradient
     opt = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=args.weight_decay)  # Supp. B.3
     ipe = train_src.iters_per_epoch
-    # Supp. B.3: LR 0 -> lr over the warmup epochs, then cosine to min_lr, stepped every iteration (official §6.1)
+    # Supp. B.3: LR 0 -> lr over the warmup epochs, then cosine to min_lr, stepped every iteration
+    # (ScaLR utils/scheduler.py)
     sched = wi.make_scheduler(opt, warmup_iters=round(args.warmup_epochs * ipe), total_iters=args.epochs * ipe,
                               min_lr=args.min_lr, base_lr=args.lr)
     scaler = wi.make_grad_scaler(args.amp, device)
@@ -552,10 +554,9 @@ def train_probe(args, model, train_src, val_src, config, device, out):
         if it >= stop:
             break
         model.eval()
-        head.train()  # official §4.4: only the head (its BN) in train mode
+        head.train()  # only the head (its BN) in train mode (docs/official.md §2)
         for feats_list, labels in train_src.epoch(epoch):
-            valid = labels[labels != data.IGNORE].numpy()
-            counts += np.bincount(valid, minlength=num_classes)[:num_classes]  # before any point subsampling
+            counts += wi.label_counts(labels, num_classes)  # before any point subsampling
             loss, parts, lr = head_step(train_head, opt, sched, scaler, feats_list, labels, args, device, it)
             it += 1
             bar.update(1)
@@ -631,7 +632,8 @@ def fig3_classes(class_names, labels):
 
 
 def scan_point_features(model, seg, i, device, amp):
-    """Trunk features of every ORIGINAL point of scan i (1-NN upsampled from the kept points, official §3.8)."""
+    """Trunk features of every ORIGINAL point of scan i (1-NN upsampled from the kept points, docs/official.md
+    §2)."""
     batch = data.collate([seg[i]])
     f = batch_features(model, batch, device, amp)[0]  # (F, M)
     return f.T[batch["upsample"][0]].cpu().numpy()  # (N, F)

@@ -9,7 +9,8 @@ WaffleIron (Puy, Boulch, Marlet, ICCV 2023) turns a lidar scan into per-point fe
      - channel mixing: a per-point 2-layer MLP;
      both with a pre-norm (LayerNorm in ScaLR), LayerScale, stochastic depth and a residual connection.
   3. a head (`classif`): ScaLR distillation (Conv1d 768 -> 1024, or the Supp. B.2 MLP), or a segmentation head.
-ScaLR (CVPR 2024) uses WI-48-768 (60.2 M parameters) and WI-48-256; facts: ../shared/spec/official.md §4, §7.
+ScaLR (CVPR 2024) uses WI-48-768 (60.2 M parameters) and WI-48-256; official code: WaffleIron
+waffleiron/{backbone,embedding,segmenter}.py, ScaLR finetune.py (checkpoints); see docs/official.md §2.
 
     python waffleiron.py features --ckpt runs/distill/model.pth --scan scan.npy --out feats.npy   # (N, F) features
     python waffleiron.py features --ckpt model.pth --scan 000000.bin --out f.npy --layer head     # KITTI .bin
@@ -19,16 +20,46 @@ ScaLR (CVPR 2024) uses WI-48-768 (60.2 M parameters) and WI-48-256; facts: ../sh
 
 In Python:  model = load_checkpoint('model.pth')  (released ScaLR / WaffleIron files or ours, strict)
             out = model(feat, cells, neighbors, occupied)   # inputs from data.prepare_scan + data.collate
-Sections: [model] backbone, heads, checkpoint I/O, CLI (features, bench); [train] schedules, layer decay,
-atomic save/resume, DDP, losses, evaluation. Imports here stay light (torch, numpy, stdlib; no timm).
+Contents, top-down:
+  [model] Backbone      Embedding, ChannelMix, SpatialMix (+ its sparse fast path), WaffleIronBackbone, WaffleIron;
+                        naive_* = the official layout written directly (the reference the fast path is tested on)
+  [model] Heads         linear / MLP / ScaLR+ distillation heads, the segmentation head, head_kind
+  [model] Checkpoint    load_checkpoint (released and ours, strict), infer_config, read_torch_file
+  [train] Training kit  schedules, layer decay, atomic save / resume, run folders, DDP, AMP, CE + Lovász,
+                        evaluation, CSV log and plots, the segmentation report (one mIoU rule)
+  CLI                   `features` and `--bench`
+Imports stay light (stdlib, numpy, torch, and data.py for its error classes; no timm).
 """
+import argparse
+import contextlib
+import csv
+import dataclasses
+import datetime
+import inspect
+import math
+import os
+import pickle
+import random
+import re
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
+
+import data
 
 # ==== [model] Backbone ====
 # WaffleIron (Puy, Boulch, Marlet, "Using a Waffle Iron for Automotive Point Cloud Semantic Segmentation",
 # ICCV 2023; "WI paper" below, cited by part name) with the ScaLR settings (Supp. B.2 "shared setting";
-# official.md §4).
+# official code: WaffleIron waffleiron/backbone.py and waffleiron/embedding.py, "WaffleIron backbone.py" below).
 #
 # Shapes: B scans per batch, N points per scan (zero-padded to the largest scan), F = width, k = 16 neighbours.
 # Interface: feat (B, 5, N), cells (B, 3, N), neighbors (B, k, N) without the point itself,
@@ -45,16 +76,13 @@ import torch.nn as nn
 # occupied cells only (sparse_plane, sparse_depthwise_conv3x3), with the same sums as the dense convolutions.
 # `naive_forward_features` below is a direct implementation of the official layout and per-layer
 # scatter/gather; tests check both give the same numbers, `python waffleiron.py --bench` times them.
-import torch.nn.functional as F
-from typing import NamedTuple
-from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
-DEFAULT_GRIDS = ((256, 256), (256, 32), (256, 32))  # official.md §3.4: ±64 m x ±64 m x ±8 m, 0.5 m cells
+DEFAULT_GRIDS = ((256, 256), (256, 32), (256, 32))  # Supp. B.2: ±64 m x ±64 m x ±8 m, 0.5 m cells
 EMBED_CHUNK_ROWS = 1 << 18  # eval only: neighbour rows (B*k*n) per chunk of the embedding, bounds memory
 
 
 def make_norm(channels, layer_norm):
-    """Token norm of the mixing blocks: LayerNorm over channels (ScaLR, official.md §4.2: `layernorm: True`,
+    """Token norm of the mixing blocks: LayerNorm over channels (ScaLR configs: `layernorm: True`,
     needed at F=768 where BatchNorm gives NaN under fp16) or BatchNorm1d (original WaffleIron)."""
     return nn.LayerNorm(channels) if layer_norm else nn.BatchNorm1d(channels)
 
@@ -82,8 +110,8 @@ def channels_first_norm(norm, x):
 
 
 class DropPath(nn.Module):
-    """Stochastic depth (official.md §4.2): drop the whole residual branch of a scan with probability p,
-    scale survivors by 1/(1-p); the same p in every block (no linear ramp). Identity in eval."""
+    """Stochastic depth (WaffleIron waffleiron/backbone.py): drop the whole residual branch of a scan
+    with probability p, scale survivors by 1/(1-p); the same p in every block (no linear ramp). Identity in eval."""
 
     def __init__(self, p=0.0):
         super().__init__()
@@ -101,7 +129,8 @@ class DropPath(nn.Module):
 
 
 class Embedding(nn.Module):
-    """Point tokens (WI paper, "point tokens"; official.md §4.1): BatchNorm always, even in LayerNorm models.
+    """Point tokens (WI paper, "point tokens"; WaffleIron waffleiron/embedding.py): BatchNorm always, even in
+    LayerNorm models.
 
     token(p) = final([conv1(x_p), max_j conv2(x_{n_j(p)} - x_p)]) where x = BatchNorm1d(feat) and n_j(p) are
     the k nearest neighbours of p (relative *normalised features*, not relative coordinates)."""
@@ -191,16 +220,17 @@ class Embedding(nn.Module):
 
 
 class ChannelMix(nn.Module):
-    """Channel mixing (WI paper, "channel mixing"; official.md §4.2): t <- t + DropPath(LayerScale(MLP(Norm(t)))),
-    MLP = Conv1d(F,F,1) -> ReLU (GELU in ScaLR+) -> Conv1d(F,F,1), applied to every point independently."""
+    """Channel mixing (WI paper, "channel mixing"; WaffleIron waffleiron/backbone.py):
+    t <- t + DropPath(LayerScale(MLP(Norm(t)))), MLP = Conv1d(F,F,1) -> ReLU (GELU in ScaLR+) -> Conv1d(F,F,1),
+    applied to every point independently."""
 
     def __init__(self, channels, drop_path=0.0, layer_norm=True, gelu=False):
         super().__init__()
         self.norm = make_norm(channels, layer_norm)
         self.mlp = nn.Sequential(nn.Conv1d(channels, channels, 1), nn.GELU() if gelu else nn.ReLU(),
                                  nn.Conv1d(channels, channels, 1))
-        # LayerScale: per-channel gain as a depthwise 1x1 conv, PyTorch default init U(-1, 1) (official.md §4.2;
-        # no 1e-5 init).
+        # LayerScale: per-channel gain as a depthwise 1x1 conv, PyTorch default init U(-1, 1) (WaffleIron
+        # backbone.py; no 1e-5 init).
         self.scale = nn.Conv1d(channels, channels, 1, groups=channels, bias=False)
         self.drop_path = DropPath(drop_path)
 
@@ -323,7 +353,7 @@ def sparse_depthwise_conv3x3(x, taps, weight, bias):
 
 
 class SpatialMix(nn.Module):
-    """Spatial mixing (WI paper, "spatial mixing": flatten / 2D FFN / inflate; official.md §4.2):
+    """Spatial mixing (WI paper, "spatial mixing": flatten / 2D FFN / inflate; WaffleIron backbone.py):
     t <- t + DropPath(inflate(LayerScale(FFN(flatten(Norm(t)))))) with
       flatten: each cell of the H x W grid = mean of the normed tokens of the real points in it (empty = 0),
       FFN: depthwise Conv2d 3x3 -> ReLU (GELU in ScaLR+) -> depthwise Conv2d 3x3,
@@ -366,9 +396,9 @@ class SpatialMix(nn.Module):
 
 
 class WaffleIronBackbone(nn.Module):
-    """L blocks; block l = SpatialMix on plane l mod 3 (z, y, x, z, ...) then ChannelMix (official.md §4.2).
-    No final norm after the last block. Optional activation checkpointing per mixing layer (ScaLR+,
-    official.md §9: torch.utils.checkpoint, use_reentrant=False). With BatchNorm, checkpointing recomputes
+    """L blocks; block l = SpatialMix on plane l mod 3 (z, y, x, z, ...) then ChannelMix (WaffleIron
+    backbone.py). No final norm after the last block. Optional activation checkpointing per mixing layer (ScaLR+
+    waffleiron/backbone.py: torch.utils.checkpoint, use_reentrant=False). With BatchNorm, checkpointing recomputes
     the forward in backward and so updates running stats twice; ScaLR+ uses it only with LayerNorm."""
 
     def __init__(self, channels, depth, drop_path=0.0, layer_norm=True, gelu=False, checkpointing=False):
@@ -381,7 +411,7 @@ class WaffleIronBackbone(nn.Module):
         """tokens (B, N, F), planes: the 3 ProjectionIndex of the batch -> (B, N, F)."""
         use_ckpt = self.checkpointing and self.training and torch.is_grad_enabled()
         for l, (spatial, channel) in enumerate(zip(self.spatial_mix, self.channel_mix)):
-            plane = planes[l % 3]  # official.md §3.5: layer l uses projection l mod 3
+            plane = planes[l % 3]  # WaffleIron backbone.py: layer l uses projection l mod 3
             if use_ckpt:
                 tokens = activation_checkpoint(spatial, tokens, plane, use_reentrant=False)
                 tokens = activation_checkpoint(channel, tokens, use_reentrant=False)
@@ -396,7 +426,7 @@ class WaffleIron(nn.Module):
     WI-48-768 (ScaLR): WaffleIron(5, 768, 48, 1024) = 60,222,996 parameters with the linear distillation head.
     head: 'linear' (Conv1d F->C, ScaLR distillation / original WaffleIron segmentation), 'mlp' (Supp. B.2
     multi-teacher MLP, needs teacher_dims), 'scalr_plus' (ScaLR+ Conv1d F->2048 -> ReLU -> Conv1d 2048->C),
-    'seg' (BatchNorm1d + zero-init Conv1d, official.md §4.4), None (no head: forward = forward_features),
+    'seg' (BatchNorm1d + zero-init Conv1d, ScaLR finetune.py), None (no head: forward = forward_features),
     or an nn.Module."""
 
     def __init__(self, input_channels=5, feat_channels=768, depth=48, nb_class=1024, grids=DEFAULT_GRIDS,
@@ -405,7 +435,7 @@ class WaffleIron(nn.Module):
         super().__init__()
         self.embed = Embedding(input_channels, feat_channels)
         self.waffleiron = WaffleIronBackbone(feat_channels, depth, drop_path, layer_norm, gelu, checkpointing)
-        self.grids = tuple((int(h), int(w)) for h, w in grids)  # no parameter depends on them (official §3.4)
+        self.grids = tuple((int(h), int(w)) for h, w in grids)  # no parameter depends on them (see SpatialMix)
         self.config = dict(input_channels=input_channels, feat_channels=feat_channels, depth=depth,
                            nb_class=nb_class, grids=[list(g) for g in self.grids], layer_norm=bool(layer_norm),
                            drop_path=float(drop_path), gelu=bool(gelu), checkpointing=bool(checkpointing),
@@ -415,7 +445,8 @@ class WaffleIron(nn.Module):
         self.classif = make_head(head, feat_channels, nb_class, teacher_dims) if is_name else head
 
     def set_head(self, module):
-        """Replace the head (e.g. the pretraining head by seg_head(F, K) for probing/finetuning, official §7)."""
+        """Replace the head (e.g. the pretraining head by seg_head(F, K) for probing/finetuning, as ScaLR
+        finetune.py does)."""
         self.classif = module if module is not None else nn.Identity()
         kind, out = head_kind(self.classif)
         self.config.update(head=kind, nb_class=out if out is not None else self.config["nb_class"])
@@ -491,7 +522,8 @@ def naive_forward_features(model, feat, cells, neighbors, occupied):
 
 def normalize_parts(x, dims, dim=1):
     """Supp. B.2 (multi-teacher): split x along `dim` into parts of sizes `dims`, l2-normalise each part
-    independently (F.normalize, eps 1e-12 as in official.md §5.1), re-concatenate. x (..., sum(dims), ...)."""
+    independently (F.normalize, eps 1e-12 as in ScaLR utils/distiller.py), re-concatenate.
+    x (..., sum(dims), ...)."""
     dims = [int(d) for d in dims]
     if sum(dims) != x.shape[dim]:
         raise ValueError(f"normalize_parts: teacher dims {dims} sum to {sum(dims)} but x has {x.shape[dim]} "
@@ -509,7 +541,7 @@ class ChannelLayerNorm(nn.LayerNorm):
 class MLPDistillHead(nn.Sequential):
     """Supp. B.2 multi-teacher head psi_3D: Conv1d(F -> 2F) -> LayerNorm -> ReLU -> Conv1d(2F -> sum(dims)),
     then split per teacher, l2-normalise each part and re-concatenate (normalize_parts).
-    Keys classif.0.*, classif.1.* (LayerNorm), classif.3.*. Not in the released code (official.md §4.3)."""
+    Keys classif.0.*, classif.1.* (LayerNorm), classif.3.*. Not in the released code (docs/official.md §1)."""
 
     def __init__(self, channels, teacher_dims):
         dims = [int(d) for d in teacher_dims]
@@ -522,7 +554,7 @@ class MLPDistillHead(nn.Sequential):
 
 
 def linear_head(channels, nb_class):
-    """Per-point linear layer Conv1d(F -> C): ScaLR's distillation head (768 -> 1024, official.md §4.3) and the
+    """Per-point linear layer Conv1d(F -> C): ScaLR's distillation head (768 -> 1024, ScaLR distill.py) and the
     original WaffleIron segmentation head (e.g. WI-48-256 KITTI, 256 -> 19)."""
     return nn.Conv1d(channels, nb_class, 1)
 
@@ -533,13 +565,13 @@ def mlp_distill_head(channels, teacher_dims):
 
 
 def scalr_plus_head(channels, nb_class=1024, hidden=2048):
-    """ScaLR+ distillation head (official.md §9): Conv1d(F -> 2048) -> ReLU -> Conv1d(2048 -> 1024), no norm;
-    keys classif.0.*, classif.2.*."""
+    """ScaLR+ distillation head (ScaLR+ waffleiron/segmenter.py, docs/official.md §3): Conv1d(F -> 2048) -> ReLU
+    -> Conv1d(2048 -> 1024), no norm; keys classif.0.*, classif.2.*."""
     return nn.Sequential(nn.Conv1d(channels, hidden, 1), nn.ReLU(), nn.Conv1d(hidden, nb_class, 1))
 
 
 def seg_head(channels, nb_class):
-    """Downstream segmentation head (official.md §4.4): BatchNorm1d(F) -> Conv1d(F -> K) with weight AND bias
+    """Downstream segmentation head (ScaLR finetune.py): BatchNorm1d(F) -> Conv1d(F -> K) with weight AND bias
     initialised to 0 (so training starts from uniform logits); keys classif.0.*, classif.1.*."""
     conv = nn.Conv1d(channels, nb_class, 1)
     nn.init.zeros_(conv.weight)
@@ -583,12 +615,10 @@ def head_kind(module):
 
 
 # ==== [model] Checkpoint I/O ====
-# Released files (official.md §7): {'model_point' | 'model_points': sd, 'optim', ...} for distillation and
-# {'net': sd, ...} for probing/finetuning, usually with DDP's 'module.' prefix. Ours: {'model_point' | 'net': sd,
-# 'config': {...}} with the same tensor names, so the official code reads ours and load_checkpoint reads both.
-import inspect
-import pickle
-from pathlib import Path
+# Released files: {'model_point' | 'model_points': sd, 'optim', ...} for distillation (ScaLR utils/distiller.py;
+# ScaLR finetune.py reads either key) and {'net': sd, ...} for probing/finetuning (ScaLR utils/finetuner.py),
+# usually with DDP's 'module.' prefix. Ours: {'model_point' | 'net': sd, 'config': {...}} with the same tensor
+# names, so the official code reads ours and load_checkpoint reads both.
 
 STATE_DICT_KEYS = ("model_point", "model_points", "net", "state_dict", "model")
 # constructor arguments the tensors cannot tell; read from our checkpoints' 'config' when present
@@ -631,7 +661,7 @@ def infer_config(state_dict):
     layer_norm = "waffleiron.channel_mix.0.norm.running_mean" not in sd
     if "classif.weight" in sd:                       # Conv1d(F, C): ScaLR pretraining / original WaffleIron
         head, nb_class = "linear", sd["classif.weight"].shape[0]
-    elif "classif.0.running_mean" in sd:             # BatchNorm1d + Conv1d: official.md §4.4
+    elif "classif.0.running_mean" in sd:             # BatchNorm1d + Conv1d: ScaLR finetune.py head
         head, nb_class = "seg", sd["classif.1.weight"].shape[0]
     elif "classif.3.weight" in sd:                   # Conv1d, LayerNorm, ReLU, Conv1d: Supp. B.2
         head, nb_class = "mlp", sd["classif.3.weight"].shape[0]
@@ -680,10 +710,9 @@ def read_torch_file(path, what="checkpoint", map_location="cpu", weights_only=Tr
     or holding objects other than tensors and plain values (weights_only=True refuses a pickle that would run
     code). Raises data.MissingDataFileError (a FileNotFoundError) or data.DataFileError (a ValueError)."""
     import zipfile
-    from data import DataFileError, MissingDataFileError
     path = Path(path)
     if not path.is_file():
-        raise MissingDataFileError(f"{what} does not exist", path, "check the path")
+        raise data.MissingDataFileError(f"{what} does not exist", path, "check the path")
     import warnings
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols of foreign files: the error says it
@@ -694,7 +723,7 @@ def read_torch_file(path, what="checkpoint", map_location="cpu", weights_only=Tr
         # torch's weights-only unpickler puts the reason after "WeightsUnpickler error:"
         reason = " ".join(text.split("WeightsUnpickler error:")[-1].split()).split(" Check the doc")[0][:160]
         if "Unsupported global" in text:  # a torch.save'd pickle of custom objects: loading it could run code
-            raise DataFileError(f"{what} holds objects other than tensors and plain values, refused by "
+            raise data.DataFileError(f"{what} holds objects other than tensors and plain values, refused by "
                                 f"torch.load(weights_only=True) ({reason})", path,
                                 trust_hint or "load it with weights_only=False only if you trust it") from None
         error = pickle.UnpicklingError(reason)
@@ -703,10 +732,10 @@ def read_torch_file(path, what="checkpoint", map_location="cpu", weights_only=Tr
     with open(path, "rb") as f:
         head = f.read(4)
     if head == b"PK\x03\x04" and not zipfile.is_zipfile(path):  # torch.save's zip format, cut short
-        raise DataFileError(f"{what} file is truncated ({path.stat().st_size:,} bytes: the end of the file is "
+        raise data.DataFileError(f"{what} file is truncated ({path.stat().st_size:,} bytes: the end of the file is "
                             "missing)", path, "copy or download it again") from None
     detail = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:160]}"
-    raise DataFileError(f"not a checkpoint, or truncated: torch.load cannot read it ({detail})", path,
+    raise data.DataFileError(f"not a checkpoint, or truncated: torch.load cannot read it ({detail})", path,
                         "pass a .pth file written by torch.save (our stages or a released ScaLR / WaffleIron "
                         "checkpoint); a truncated copy must be copied or downloaded again") from None
 
@@ -718,7 +747,6 @@ def load_checkpoint(path, grids=None, map_location="cpu", weights_only=True, **f
     (default ScaLR's (256,256),(256,32),(256,32)), gelu (ScaLR+), teacher_dims, drop_path from the arguments,
     else our checkpoint's 'config', else defaults. Flags override everything (a flag that contradicts the
     tensors gives a shape-mismatch error)."""
-    from data import DataFileError
     path = Path(path)
     obj = read_torch_file(path, "checkpoint", map_location, weights_only, trust_hint=(
         "if you trust it, call load_checkpoint(..., weights_only=False) (CLI: --trust-pickle)"))
@@ -726,7 +754,7 @@ def load_checkpoint(path, grids=None, map_location="cpu", weights_only=True, **f
         state_dict = extract_state_dict(obj, path)
         config = infer_config(state_dict)
     except ValueError as err:  # a valid torch file of another kind (an optimizer state, another network, ...)
-        raise DataFileError(f"not a WaffleIron checkpoint: {str(err).removeprefix(f'{path}: ')}", path,
+        raise data.DataFileError(f"not a WaffleIron checkpoint: {str(err).removeprefix(f'{path}: ')}", path,
                             "pass a model.pth of our stages or a released ScaLR / WaffleIron checkpoint") from None
     config.update(_saved_model_config(obj))
     config.update(flags)
@@ -738,7 +766,7 @@ def load_checkpoint(path, grids=None, map_location="cpu", weights_only=True, **f
     model = WaffleIron(**config)
     problems = state_dict_mismatch(model, state_dict)
     if problems:
-        raise DataFileError(f"{path} does not match WaffleIron({', '.join(f'{k}={v}' for k, v in config.items())}): "
+        raise data.DataFileError(f"{path} does not match WaffleIron({', '.join(f'{k}={v}' for k, v in config.items())}): "
                          f"{problems}. Is it a ScaLR/WaffleIron checkpoint, and do the flags agree with it?")
     model.load_state_dict(state_dict, strict=True)
     return model.eval()
@@ -747,7 +775,8 @@ def load_checkpoint(path, grids=None, map_location="cpu", weights_only=True, **f
 
 # ==== [train] Schedules, layer decay, atomic save/resume, DDP, losses, evaluation, logging ====
 # Everything the three training stages share: distill.py (Supp. B.2), probe.py (Supp. B.3), finetune.py (Supp. B.4).
-# "official §x" = ../shared/spec/official.md (facts about the released ScaLR code). Only torch/numpy/stdlib are
+# The official code is cited by repository and file ("ScaLR utils/scheduler.py" = github.com/valeoai/ScaLR, branch
+# main; "ScaLR+" = its branch scalr_plus); docs/official.md lists the conventions. Only torch/numpy/stdlib are
 # imported here; tqdm, matplotlib and data.py are imported inside the functions that need them.
 #
 # The training loop of every stage has the same skeleton (nanoGPT style):
@@ -762,67 +791,55 @@ def load_checkpoint(path, grids=None, map_location="cpu", weights_only=True, **f
 #         scaler.update(); sched.step()
 #     state = training_state(model, opt, sched, scaler, epoch, it, model_key='net')     # on EVERY rank
 #     if is_main(): save_checkpoint(out / 'ckpt_last.pth', **state)
-# (these imports belong to the [train] section; the integrator may hoist them to the top of the file)
-import contextlib
-import csv
-import datetime
-import math
-import os
-import pickle
-import random
-import re
-from pathlib import Path
 
-import numpy as np
-import torch.distributed as dist
-import torch.nn.functional as F
-
-IGNORE_INDEX = 255  # = data.IGNORE: label of unannotated points, skipped by the loss and the metric (official §5)
+IGNORE_INDEX = 255  # = data.IGNORE: unannotated points, skipped by the loss and the metric (ScaLR utils/metrics.py)
 
 
 def seed_everything(seed):
     """Seed python `random`, numpy's global RNG and torch (CPU and every CUDA device).
 
-    The official code seeds nothing unless `--seed` is given (official §6.1); our stages always seed so that runs and
-    tests are reproducible. Under DDP pass `seed + rank` if ranks must draw different augmentations (the model init
-    does not matter: DDP broadcasts rank 0's weights when it wraps the model)."""
+    The official code seeds nothing unless `--seed` is given (e.g. ScaLR finetune.py); our stages always seed so
+    that runs and tests are reproducible. Under DDP pass `seed + rank` if ranks must draw different augmentations
+    (the model init does not matter: DDP broadcasts rank 0's weights when it wraps the model)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # also seeds all CUDA devices
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Learning-rate schedules (Supp. B.2, B.3, B.4; official §6.1 and §9), stepped once per ITERATION
+# Learning-rate schedules (Supp. B.2, B.3, B.4; ScaLR and ScaLR+ utils/scheduler.py), stepped once per ITERATION
 # ---------------------------------------------------------------------------------------------------------------
 def warmup_cosine(it, warmup, total, min_ratio=0.0):
-    """LR factor at iteration `it` (0-based): linear warmup from 0, then cosine decay to `min_ratio` (official §6.1).
+    """LR factor at iteration `it` (0-based): linear warmup from 0, then cosine decay to `min_ratio` (WarmupCosine
+    of ScaLR utils/scheduler.py).
 
     Supp. B.2: "linearly increasing from 0 to 0.002, then decreasing to 1e-5 following a cosine schedule";
     B.3: 0 -> 1e-3 over 2 epochs then cosine to 1e-5; B.4: 0 -> 2e-3 over the first tenth of the epochs, cosine to 0.
     After `total` the factor stays at `min_ratio` (the official code never runs past T, where cos would rise again)."""
-    # official §6.1:  it < W:  f = it / W
+    # ScaLR utils/scheduler.py:  it < W:  f = it / W
     if it < warmup:
         return it / warmup
     progress = min(1.0, (it - warmup) / max(1, total - warmup))
-    # official §6.1:  f = m + 0.5 (1 - m) (1 + cos(pi (it - W) / (T - W))),  m = min_lr / lr
+    # ScaLR utils/scheduler.py:  f = m + 0.5 (1 - m) (1 + cos(pi (it - W) / (T - W))),  m = min_lr / lr
     return min_ratio + 0.5 * (1.0 - min_ratio) * (1.0 + math.cos(math.pi * progress))
 
 
 def rsqrt_schedule(it, warmup, cooldown_start, timescale, total):
-    """ScaLR+ pretraining factor (official §9): warmup W, reciprocal square root with timescale tau, linear cooldown
-    from C to T (all in iterations; ScaLR+ uses W = 1 epoch, C = 63 epochs, tau = 0.45 epoch, T = 65 epochs)."""
-    # official §9:  it <= W:  f = it / W
+    """ScaLR+ pretraining factor (LinWarmup_ReciprocalSqrt_LinCoolDown of ScaLR+ utils/scheduler.py): warmup W,
+    reciprocal square root with timescale tau, linear cooldown from C to T (all in iterations; ScaLR+ uses W = 1
+    epoch, C = 63 epochs, tau = 0.45 epoch, T = 65 epochs: ScaLR configs/pretrain/WI_768-ScaLR_plus.yaml)."""
+    # ScaLR+ utils/scheduler.py:  it <= W:  f = it / W
     if it <= warmup:
         return it / warmup if warmup > 0 else 1.0
-    # official §9:  W < it <= C:  f = 1 / sqrt(1 + (it - W) / tau)
+    # ScaLR+ utils/scheduler.py:  W < it <= C:  f = 1 / sqrt(1 + (it - W) / tau)
     if it <= cooldown_start:
         return 1.0 / math.sqrt(1.0 + (it - warmup) / timescale)
-    # official §9:  C < it < T:  f = [1 / sqrt(1 + C / tau)] (T - it - 1) / (T - C - 1)
+    # ScaLR+ utils/scheduler.py:  C < it < T:  f = [1 / sqrt(1 + C / tau)] (T - it - 1) / (T - C - 1)
     # (official quirk kept on purpose: C / tau, not (C - W) / tau, so f drops a little at C)
     if it < total:
         start = 1.0 / math.sqrt(1.0 + cooldown_start / timescale)
         return start * (total - it - 1) / max(1, total - cooldown_start - 1)
-    return 0.0  # official §9: it >= T
+    return 0.0  # ScaLR+ utils/scheduler.py: it >= T
 
 
 class WarmupCosine:
@@ -836,7 +853,7 @@ class WarmupCosine:
 
 
 class WarmupRsqrt:
-    """Picklable ScaLR+ factor (official §9) for LambdaLR."""
+    """Picklable ScaLR+ factor (ScaLR+ utils/scheduler.py) for LambdaLR."""
 
     def __init__(self, warmup, cooldown_start, timescale, total):
         self.warmup, self.cooldown_start = int(warmup), int(cooldown_start)
@@ -848,7 +865,7 @@ class WarmupRsqrt:
 
 def make_scheduler(optimizer, warmup_iters, total_iters, min_lr=0.0, base_lr=None, schedule='cosine',
                    cooldown_start=None, timescale=None, min_lr_per_group=False):
-    """LambdaLR stepped once per iteration (official §6.1, pitfall 17); the first step is taken with lr = 0.
+    """LambdaLR stepped once per iteration (ScaLR utils/finetuner.py); the first step is taken with lr = 0.
 
     Call `scheduler.step()` right after each `optimizer.step()`. The factor multiplies each group's own initial lr.
     cosine (ScaLR): m = min_lr / base_lr with ONE global base_lr, as the official code (m = min_lr / lr, lr = the
@@ -856,8 +873,9 @@ def make_scheduler(optimizer, warmup_iters, total_iters, min_lr=0.0, base_lr=Non
       Under layer decay (Supp. B.4) group g starts at scale_g * lr and therefore ends at scale_g * min_lr; only the
       head (scale 1) ends exactly at min_lr. base_lr defaults to the largest group lr, i.e. the config lr (the head
       has scale 1). `min_lr_per_group=True` uses m_g = min_lr / lr_g instead (every group ends at min_lr). FT uses
-      min_lr = 0 (official §6.4), where both choices are identical.
-    rsqrt (ScaLR+, official §9): needs `cooldown_start` and `timescale` in iterations; min_lr/base_lr unused."""
+      min_lr = 0 (ScaLR configs/downstream/*/WI_768_finetune_*.yaml), where both choices are identical.
+    rsqrt (ScaLR+ utils/scheduler.py): needs `cooldown_start` and `timescale` in iterations; min_lr/base_lr
+    unused."""
     if total_iters < 1 or warmup_iters < 0:
         raise ValueError(f"make_scheduler: need total_iters >= 1 and warmup_iters >= 0, "
                          f"got {total_iters}, {warmup_iters}")
@@ -871,7 +889,8 @@ def make_scheduler(optimizer, warmup_iters, total_iters, min_lr=0.0, base_lr=Non
     elif schedule == 'rsqrt':
         if cooldown_start is None or timescale is None:
             raise ValueError("make_scheduler(schedule='rsqrt') needs cooldown_start and timescale in iterations "
-                             "(official §9: C = 63 epochs, tau = 0.45 epoch for 65 epochs)")
+                             "(ScaLR configs/pretrain/WI_768-ScaLR_plus.yaml: C = 63 epochs, tau = 0.45 epoch "
+                             "for 65 epochs)")
         factor = WarmupRsqrt(warmup_iters, cooldown_start, timescale, total_iters)
     else:
         raise ValueError(f"unknown schedule {schedule!r}: use 'cosine' (ScaLR) or 'rsqrt' (ScaLR+)")
@@ -879,9 +898,9 @@ def make_scheduler(optimizer, warmup_iters, total_iters, min_lr=0.0, base_lr=Non
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Layer-wise learning-rate decay (Supp. B.4; official §6.4, pitfall 13)
+# Layer-wise learning-rate decay (Supp. B.4; param_groups_lrd / get_layer_id_for_waffleiron of ScaLR finetune.py)
 # ---------------------------------------------------------------------------------------------------------------
-_WRAPPER_PREFIXES = ('module.', '_orig_mod.')  # DDP and torch.compile prefixes (official §7: strip 'module.')
+_WRAPPER_PREFIXES = ('module.', '_orig_mod.')  # DDP and torch.compile prefixes (ScaLR finetune.py strips 'module.')
 _BLOCK_NAME = re.compile(r'^waffleiron\.(?:channel_mix|spatial_mix)\.(\d+)\.')
 
 
@@ -897,8 +916,9 @@ def _strip_wrappers(name):
 
 
 def layer_id(name, depth):
-    """Layer id of a parameter for layer decay (official §6.4): `embed.*` -> 0, `waffleiron.{spatial,channel}_mix.i.*`
-    -> i + 1 (a SpatialMix and its ChannelMix share the id), everything else (the head `classif.*`) -> depth + 1."""
+    """Layer id of a parameter for layer decay (get_layer_id_for_waffleiron of ScaLR finetune.py): `embed.*` -> 0,
+    `waffleiron.{spatial,channel}_mix.i.*` -> i + 1 (a SpatialMix and its ChannelMix share the id), everything else
+    (the head `classif.*`) -> depth + 1."""
     name = _strip_wrappers(name)
     if name.startswith('embed.'):
         return 0
@@ -915,13 +935,13 @@ def _infer_depth(names):
 
 
 def layer_decay_param_groups(model, lr, decay, weight_decay=0.0, depth=None):
-    """AdamW parameter groups with BEiT-style layer-wise lr decay, exactly as the official code (official §6.4).
+    """AdamW parameter groups with BEiT-style layer-wise lr decay, exactly as ScaLR finetune.py's param_groups_lrd.
 
     scale(id) = decay^(L + 1 - id): the head gets 1, the last block decay^1, block 0 decay^L, the embedding decay^(L+1)
     (L = 48: 49 "layers" + head). Supp. B.4 only says "layer-wise learning rate decay" (0.95 for 1 % / 10 %, 0.99 for
-    100 %); the phrase "decay^(L - layer) with the embedding counted as layer 0" (issue 5) is the same rule when L
+    100 %); the phrase "decay^(L - layer) with the embedding counted as layer 0" is the same rule when L
     counts the L + 1 = 49 layers below the head. Parameters with ndim == 1 (biases, norm weights) go to no-decay
-    groups (wd 0); LayerScale weights are (F, 1, 1) and keep weight decay (official §6.4). Frozen params are skipped.
+    groups (wd 0); LayerScale weights are (F, 1, 1) and keep weight decay (as in ScaLR). Frozen params are skipped.
     Each group carries 'lr', 'lr_scale', 'layer_id', 'weight_decay' and 'param_names'."""
     net = unwrap(model)
     if depth is None:  # L = number of blocks, from the module list if there is one, else from the parameter names
@@ -931,9 +951,9 @@ def layer_decay_param_groups(model, lr, decay, weight_decay=0.0, depth=None):
     groups = {}
     for name, param in named:
         lid = layer_id(name, depth)
-        no_decay = param.ndim == 1  # official §6.4: "no_decay" group for 1-D tensors
+        no_decay = param.ndim == 1  # ScaLR finetune.py: "no_decay" group for 1-D tensors
         if (lid, no_decay) not in groups:
-            # Supp. B.4 / official §6.4: lr scale = decay^(L + 1 - id)
+            # Supp. B.4 / ScaLR finetune.py: lr scale = decay^(L + 1 - id)
             scale = decay ** (depth + 1 - lid)
             groups[(lid, no_decay)] = {'params': [], 'param_names': [], 'lr': lr * scale, 'lr_scale': scale,
                                        'layer_id': lid, 'weight_decay': 0.0 if no_decay else weight_decay}
@@ -943,11 +963,12 @@ def layer_decay_param_groups(model, lr, decay, weight_decay=0.0, depth=None):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Atomic checkpoints and bit-exact resume (issue 5; official §7 key names: model_point / net, optim, scheduler, scaler)
+# Atomic checkpoints and bit-exact resume (official key names model_point / net, optim, scheduler, scaler: ScaLR
+# utils/distiller.py and utils/finetuner.py)
 # ---------------------------------------------------------------------------------------------------------------
 def official_state_dict(model):
     """The model's state dict with official tensor names: no DDP 'module.' nor torch.compile '_orig_mod.' prefix
-    (official §7), so the official code and load_checkpoint() read it."""
+    (ScaLR finetune.py strips 'module.'), so the official code and load_checkpoint() read it."""
     state = unwrap(model).state_dict()
     if not any(k != _strip_wrappers(k) for k in state):
         return state
@@ -1013,9 +1034,8 @@ _WRITE_ERROR_CLASS = []
 def _checkpoint_write_error(what, where, todo):
     """A data.UserError that is also an OSError (callers that catch OSError for a failed write still do)."""
     if not _WRITE_ERROR_CLASS:
-        from data import UserError
 
-        class CheckpointWriteError(UserError, OSError):
+        class CheckpointWriteError(data.UserError, OSError):
             """A checkpoint could not be written (full disk, quota, read-only folder)."""
         _WRITE_ERROR_CLASS.append(CheckpointWriteError)
     return _WRITE_ERROR_CLASS[0](what, where, todo)
@@ -1089,7 +1109,7 @@ def _plain(obj):
 
 def training_state(model, optimizer=None, scheduler=None, scaler=None, epoch=0, iteration=0, extra=None,
                    model_key='model_point', config=None):
-    """Everything a bit-exact `--resume` needs, with the official key names (official §7):
+    """Everything a bit-exact `--resume` needs, with the official key names (ScaLR utils/finetuner.py):
     {model_key: weights with official names, 'optim', 'scheduler', 'scaler', 'epoch', 'iteration', 'rng', 'config'}.
 
     model_key: 'model_point' (distill.py, read by the official LP/FT code) or 'net' (probe.py / finetune.py).
@@ -1114,16 +1134,15 @@ def training_state(model, optimizer=None, scheduler=None, scaler=None, epoch=0, 
 def load_training_checkpoint(path, map_location='cpu'):
     """torch.load of one of our checkpoints (weights_only=True: no code runs); a missing, truncated or foreign file
     ends in one data.UserError naming it (read_torch_file)."""
-    from data import DataFileError, MissingDataFileError
     path = Path(path)
     if not path.is_file():
-        raise MissingDataFileError("no checkpoint there", path, "run once without --resume, or point --out/"
+        raise data.MissingDataFileError("no checkpoint there", path, "run once without --resume, or point --out/"
                                    "--ckpt to the folder of a previous run")
     state = read_torch_file(path, "checkpoint", map_location, trust_hint=(
         "it was not written by training_state/save_checkpoint (or its config holds a custom object); inspect it "
         "with torch.load(weights_only=False) only if you trust it"))
     if not isinstance(state, dict):
-        raise DataFileError(f"not a training checkpoint (it holds a {type(state).__name__})", path,
+        raise data.DataFileError(f"not a training checkpoint (it holds a {type(state).__name__})", path,
                             "pass the ckpt_last.pth of a previous run")
     return state
 
@@ -1136,23 +1155,22 @@ def prepare_run_dir(out, resume=False, overwrite=False, flag='--out'):
     it must be writable; a folder that already holds a run (RUN_FILES) is refused unless --resume continues it or
     --overwrite starts over. Raises data.UserError (one line, exit 2)."""
     import tempfile
-    from data import UserError
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise UserError(f'{out} exists and is not a folder', flag, 'pass a folder path')
+        raise data.UserError(f'{out} exists and is not a folder', flag, 'pass a folder path')
     found = [n for n in RUN_FILES if (out / n).exists()]
     if found and not resume and not overwrite:
-        raise UserError(f'{out} already holds a run ({", ".join(found)})', flag,
+        raise data.UserError(f'{out} already holds a run ({", ".join(found)})', flag,
                         'continue it with --resume, start over with --overwrite, or pass another --out')
     if resume and not (out / 'ckpt_last.pth').is_file():
-        raise UserError(f'nothing to resume: no ckpt_last.pth in {out}', '--resume',
+        raise data.UserError(f'nothing to resume: no ckpt_last.pth in {out}', '--resume',
                         'run once without --resume, or point --out to the folder of a previous run')
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out, prefix='.write_test_'):
             pass
     except OSError as err:
-        raise UserError(f'output folder {out} is not writable ({err.strerror or err})', flag,
+        raise data.UserError(f'output folder {out} is not writable ({err.strerror or err})', flag,
                         'pass a writable --out DIR') from None
     if overwrite and not resume:
         for n in RUN_FILES:
@@ -1164,33 +1182,31 @@ def prepare_run_dir(out, resume=False, overwrite=False, flag='--out'):
 def check_resume_config(path, saved, current, keys=None, stage=None):
     """--resume must continue the same run: refuse, listing every setting that differs between the checkpoint's
     config and this command line (keys: which settings count; default all keys of `current`)."""
-    from data import UserError
     saved = saved or {}
     if stage is not None and saved.get('stage', stage) != stage:
-        raise UserError(f'{path} is not a checkpoint of this stage (it was written by {saved.get("stage")})',
+        raise data.UserError(f'{path} is not a checkpoint of this stage (it was written by {saved.get("stage")})',
                         '--resume', 'pass the --out of a previous run of this stage')
     keys = list(current) if keys is None else keys
     diff = [f'{k}: {saved.get(k)!r} in the checkpoint, {current.get(k)!r} now' for k in keys
             if k in saved and _plain(saved.get(k)) != _plain(current.get(k))]
     if diff:
-        raise UserError(f'cannot --resume from {path}: settings differ ({"; ".join(diff)})', '--resume',
+        raise data.UserError(f'cannot --resume from {path}: settings differ ({"; ".join(diff)})', '--resume',
                         'resume with the same flags, or use another --out (or --overwrite) to start a new run')
 
 
 def resolve_device(name=None):
     """--device: None/'auto' = cuda if available else cpu; refuse cuda without a GPU (before data is read)."""
-    from data import UserError
     if name in (None, 'auto'):
         return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     try:
         dev = torch.device(name)
     except (RuntimeError, ValueError):
-        raise UserError(f'unknown device {name!r}', '--device', 'use cpu, cuda or cuda:N') from None
+        raise data.UserError(f'unknown device {name!r}', '--device', 'use cpu, cuda or cuda:N') from None
     if dev.type == 'cuda' and not torch.cuda.is_available():
-        raise UserError('CUDA was asked for but no GPU is visible to torch', '--device',
+        raise data.UserError('CUDA was asked for but no GPU is visible to torch', '--device',
                         'pass --device cpu, or check the driver / CUDA_VISIBLE_DEVICES')
     if dev.type == 'cuda' and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise UserError(f'{name}: only {torch.cuda.device_count()} GPU(s) visible', '--device', 'pick another index')
+        raise data.UserError(f'{name}: only {torch.cuda.device_count()} GPU(s) visible', '--device', 'pick another index')
     return dev
 
 
@@ -1263,7 +1279,7 @@ def restore_training_state(ckpt, model, optimizer=None, scheduler=None, scaler=N
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Distributed data parallel (official §6.1: the batch size is global and divided by the number of GPUs)
+# Distributed data parallel (ScaLR finetune.py: the batch size is global and divided by the number of GPUs)
 # ---------------------------------------------------------------------------------------------------------------
 def _world_size():
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -1335,7 +1351,7 @@ def unwrap(model):
 def wrap_ddp(model, device, find_unused_parameters=False):
     """DistributedDataParallel around `model` when world_size > 1 (unchanged otherwise).
 
-    On CUDA, BatchNorm becomes SyncBatchNorm first (official §4.4: "DDP training converts BatchNorm to SyncBatchNorm");
+    On CUDA, BatchNorm becomes SyncBatchNorm first (as in ScaLR finetune.py);
     on CPU/gloo BatchNorm stays local (SyncBatchNorm needs CUDA). Parameters are kept, so an optimizer built before
     or after wrapping sees the same tensors. Parameters without requires_grad (linear probing) are ignored by DDP."""
     if _world_size() <= 1:
@@ -1349,8 +1365,8 @@ def wrap_ddp(model, device, find_unused_parameters=False):
 
 
 def all_reduce_sum(value):
-    """Sum a tensor or numpy array (e.g. a (K, K) confusion matrix, official §5.3) over ranks; returns the same type.
-    In a single process the input is returned unchanged."""
+    """Sum a tensor or numpy array (e.g. a (K, K) confusion matrix, as ScaLR utils/finetuner.py sums it) over
+    ranks; returns the same type. In a single process the input is returned unchanged."""
     if _world_size() <= 1:
         return value
     is_numpy = isinstance(value, np.ndarray)
@@ -1367,78 +1383,9 @@ def all_reduce_mean(value):
     return all_reduce_sum(value) / _world_size() if _world_size() > 1 else value
 
 
-class EpochSampler(torch.utils.data.Sampler):
-    """Indices for one rank: a fresh permutation per epoch seeded by seed + epoch (DistributedSampler's rule),
-    rank r taking every world_size-th index. Unlike DistributedSampler it never pads with duplicates (the val
-    confusion matrix counts every scan exactly once) and it can skip the samples already seen when a run resumes
-    mid-epoch (`set_epoch(epoch, skip)`). drop_last (train) trims the order so every rank has the same count."""
-
-    def __init__(self, num_samples, shuffle, seed=0, rank=0, world_size=1, drop_last=False):
-        self.num_samples, self.shuffle, self.seed = int(num_samples), bool(shuffle), int(seed)
-        self.rank, self.world_size, self.drop_last = int(rank), int(world_size), bool(drop_last)
-        self.epoch, self.skip = 0, 0
-
-    def set_epoch(self, epoch, skip=0):
-        self.epoch, self.skip = int(epoch), int(skip)
-
-    def _indices(self, skip=True):
-        if self.shuffle:
-            gen = torch.Generator()
-            gen.manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.num_samples, generator=gen).tolist()
-        else:
-            order = list(range(self.num_samples))
-        if self.drop_last:
-            order = order[:self.num_samples - self.num_samples % self.world_size]
-        return order[self.rank::self.world_size][self.skip if skip else 0:]
-
-    def __iter__(self):
-        return iter(self._indices())
-
-    def __len__(self):
-        # the FULL epoch of this rank, also while resuming mid-epoch (so len(loader) = batches per epoch stays valid
-        # for the schedule); iteration itself yields only the `remaining()` samples
-        return len(self._indices(skip=False))
-
-    def remaining(self):
-        return len(self._indices())
-
-
-def make_loader(dataset, batch_size_global, train, collate_fn=None, seed=0, workers=0, pin_memory=None):
-    """DataLoader with the official batching (official §6.1): global batch divided by the number of processes,
-    shuffled + drop_last for training, same batch size for val, one shard per rank (EpochSampler).
-
-    Call set_epoch(loader, epoch) at the start of every epoch. Loader randomness never touches the global RNGs:
-    the order comes from (seed, epoch) and the worker seeds from the loader's own generator, reseeded per epoch."""
-    world, rank = _world_size(), _rank()
-    if batch_size_global < world or batch_size_global % world:
-        raise ValueError(f"global batch size {batch_size_global} must be a multiple of the number of processes "
-                         f"{world} (official §6.1: the batch is divided across GPUs)")
-    sampler = EpochSampler(len(dataset), shuffle=train, seed=seed, rank=rank, world_size=world, drop_last=train)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size_global // world, sampler=sampler, drop_last=train, collate_fn=collate_fn,
-        num_workers=workers, generator=torch.Generator(),
-        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory)
-    loader.loader_seed = int(seed)
-    if train and len(loader) == 0:
-        raise ValueError(f"the training set has {len(dataset)} scans, fewer than one global batch of "
-                         f"{batch_size_global} (drop_last=True): lower --batch-size or use more data")
-    set_epoch(loader, 0)
-    return loader
-
-
-def set_epoch(loader, epoch, batches_done=0):
-    """Start epoch `epoch` of a make_loader() loader, skipping its first `batches_done` batches (mid-epoch resume).
-
-    Bit-exact mid-epoch resume holds with workers=0 (augmentation RNG = the global RNGs saved by training_state);
-    with workers > 0 the worker RNGs restart at the epoch's seed, so resume at epoch boundaries for exactness."""
-    loader.sampler.set_epoch(epoch, skip=batches_done * loader.batch_size)
-    # worker seeds (DataLoader: base_seed drawn from loader.generator) depend only on (seed, epoch, rank)
-    loader.generator.manual_seed(getattr(loader, 'loader_seed', 0) * 1_000_003 + epoch * 10_007 + _rank())
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# Mixed precision (official §6.1: --fp16 = autocast fp16 + GradScaler; ScaLR+ §9: bf16 autocast)
+# Mixed precision (ScaLR utils/finetuner.py: --fp16 = autocast fp16 + GradScaler; ScaLR+: bf16 autocast,
+# docs/official.md §3)
 # ---------------------------------------------------------------------------------------------------------------
 _AMP_DTYPES = {'fp16': torch.float16, 'bf16': torch.bfloat16}
 
@@ -1461,7 +1408,7 @@ def make_grad_scaler(amp, device=None):
 
 
 def check_finite(loss, iteration, what='loss'):
-    """Raise FloatingPointError naming the iteration if `loss` is NaN/inf (issue 6: stop, save nothing corrupt);
+    """Raise FloatingPointError naming the iteration if `loss` is NaN/inf (stop, save nothing corrupt);
     returns the loss as a python float for logging."""
     value = loss.detach().float() if torch.is_tensor(loss) else torch.tensor(float(loss))
     if not bool(torch.isfinite(value).all()):
@@ -1474,11 +1421,11 @@ def check_finite(loss, iteration, what='loss'):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Downstream loss (official §5.2): cross-entropy + Lovász-softmax, for linear probing AND finetuning
+# Downstream loss (ScaLR utils/metrics.py): cross-entropy + Lovász-softmax, for linear probing AND finetuning
 # ---------------------------------------------------------------------------------------------------------------
 def unpad_points(x, num_points):
     """(B, C, Nmax) padded network output -> (sum_b n_b, C) rows of the real points, scan after scan: the order of
-    data.collate's concatenated 'labels' (official §3.7: labels concatenated with no padding)."""
+    data.collate's concatenated 'labels' (ScaLR Collate: labels concatenated with no padding)."""
     B, C, N = x.shape
     real = torch.arange(N, device=x.device)[None, :] < num_points.to(x.device)[:, None]  # (B, N) bool
     return x.transpose(1, 2)[real]  # (sum n_b, C)
@@ -1493,7 +1440,8 @@ def lovasz_softmax(probs, labels, classes='present'):
     is submodular; its Lovász extension at m (Berman et al., Eq. 8-9) is
         loss_c(m) = sum_i m_(i) g_i,  g_i = Delta_J({pi_1..pi_i}) - Delta_J({pi_1..pi_(i-1)}),
     with pi sorting m in decreasing order. At one-hot probabilities this equals 1 - IoU_c.
-    classes: 'present' = mean over classes present in `labels` (official §5.2), 'all', or a list of class ids."""
+    classes: 'present' = mean over classes present in `labels` (ScaLR utils/lovasz.py), 'all', or a list of
+    class ids."""
     probs = probs.float()
     M, K = probs.shape
     if M == 0:
@@ -1520,11 +1468,11 @@ def lovasz_softmax(probs, labels, classes='present'):
 
 
 def seg_loss(logits, labels, lovasz_weight=1.0, ignore_index=IGNORE_INDEX, return_parts=False):
-    """Downstream loss of LP and FT (official §5.2): CE(ignore 255, mean over valid points)
+    """Downstream loss of LP and FT (SemSegLoss of ScaLR utils/metrics.py): CE(ignore 255, mean over valid points)
     + 1.0 * Lovász-softmax(softmax(logits) of the valid points, classes='present'). No class weights, no smoothing.
 
     logits (M, K) of all points of the batch concatenated (unpad_points), labels (M,) with 255 = ignore.
-    No valid point: a finite 0 with zero gradient (ScaLR main skips Lovász without valid labels, official §9).
+    No valid point: a finite 0 with zero gradient (ScaLR utils/metrics.py skips Lovász without valid labels).
     return_parts=True also returns {'ce': float, 'lovasz': float} for the log."""
     if logits.ndim != 2 or labels.shape != logits.shape[:1]:
         raise ValueError(f"seg_loss expects logits (M, K) and labels (M,), got {tuple(logits.shape)} and "
@@ -1542,13 +1490,13 @@ def seg_loss(logits, labels, lovasz_weight=1.0, ignore_index=IGNORE_INDEX, retur
                          f"class map / head size mismatch")
     ce = F.cross_entropy(logits_v, labels_v)  # == CE(ignore_index=255) over all points (mean over valid ones)
     lovasz = lovasz_softmax(F.softmax(logits_v, dim=1), labels_v, classes='present')
-    # official §5.2: loss = CE + 1.0 * Lovász
+    # ScaLR utils/metrics.py: loss = CE + 1.0 * Lovász
     loss = ce + lovasz_weight * lovasz
     return (loss, {'ce': ce.item(), 'lovasz': lovasz.item()}) if return_parts else loss
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Evaluation on all original points (official §3.8, §5.3, §8)
+# Evaluation on all original points (ScaLR utils/finetuner.py, datasets/pc_dataset.py)
 # ---------------------------------------------------------------------------------------------------------------
 def _as_numpy(x):
     return x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
@@ -1556,13 +1504,12 @@ def _as_numpy(x):
 
 def evaluate(model, loader, num_classes, device, amp='none', progress=True):
     """(K, K) int64 confusion matrix (rows GT, cols prediction) over ALL original points of the loader's scans,
-    summed over DDP ranks (official §5.3). Batches come from data.collate: feat, cells, neighbors, occupied,
-    num_points, upsample (list of (N_b,) indices into the kept points), orig_labels (list of (N_b,) labels).
+    summed over DDP ranks (as ScaLR utils/finetuner.py). Batches come from data.collate: feat, cells, neighbors,
+    occupied, num_points, upsample (list of (N_b,) indices into the kept points), orig_labels (list of (N_b,) labels).
 
     Runs the unwrapped module in eval mode without grad (no DDP collectives per batch: ranks may hold different
     numbers of val scans); each module's train/eval flag is restored afterwards (probe.py keeps the backbone in
     eval and the head in train)."""
-    import data  # lazy: waffleiron.py must not import data.py at module level
     from tqdm import tqdm
     net = unwrap(model)
     modes = [(m, m.training) for m in net.modules()]
@@ -1580,8 +1527,8 @@ def evaluate(model, loader, num_classes, device, amp='none', progress=True):
                     raise ValueError(f"model outputs {out.shape[1]} classes, evaluate was asked for {num_classes}")
                 for b, (upsample, gt) in enumerate(zip(batch['upsample'], batch['orig_labels'])):
                     n_b = int(batch['num_points'][b])
-                    # official §3.8: every original point takes the logits of its nearest kept point, out[b, :, up];
-                    # argmax first then gather gives the same labels for less work
+                    # ScaLR utils/finetuner.py: every original point takes the logits of its nearest kept point,
+                    # out[b, :, up]; argmax first then gather gives the same labels for less work
                     pred = out[b, :, :n_b].argmax(0)[torch.as_tensor(upsample, device=out.device)]  # (N_b,)
                     cm += data.confusion_matrix(_as_numpy(gt), _as_numpy(pred), num_classes)
     finally:
@@ -1723,10 +1670,9 @@ def checkpoint_config(path):
 
 
 def stage_grid(dataset, stage, cell=None, k=None, ckpt=None):
-    """Grid of a stage: the stage's official FOV (data.grid_config, official §3.4) with the cell size and the kNN
-    k given by the flags, else those stored in `ckpt`'s config by distill.py (so a backbone is probed/finetuned
+    """Grid of a stage: the stage's official FOV (data.grid_config, ScaLR configs/) with the cell size and the
+    kNN k given by the flags, else those stored in `ckpt`'s config by distill.py (so a backbone is probed/finetuned
     with the grid it was distilled with), else the official ones. Returns (GridConfig, one-line description)."""
-    import data  # lazy: waffleiron.py must not import data.py at module level
     cfg = data.grid_config(dataset, stage)
     stored = checkpoint_config(ckpt) if ckpt else {}
     if 'cell' not in stored and stored.get('grids') and stored.get('fov_min') and stored.get('fov_max'):
@@ -1745,12 +1691,23 @@ def stage_grid(dataset, stage, cell=None, k=None, ckpt=None):
     return cfg, text
 
 
+UNSEEN_AS_ZERO_HELP = ("the official metric (ScaLR utils/metrics.py): a class with val points that was never seen in "
+                       "training counts in the mIoU (usually with IoU 0); default: such a class is reported as NaN, "
+                       "marked '(never in train)' and left out of the mIoU (docs/official.md §1)")
+
+
+def label_counts(labels, num_classes):
+    """Labelled points per class in a batch of labels (IGNORE_INDEX left out) -> (num_classes,) int64: probe.py
+    and finetune.py sum it over training to know which classes training never saw (summarise_confusion)."""
+    lab = np.asarray(labels.cpu() if hasattr(labels, 'cpu') else labels).ravel()
+    return np.bincount(lab[lab != IGNORE_INDEX].astype(np.int64), minlength=num_classes)[:num_classes]
+
+
 def summarise_confusion(cm, class_names, train_counts=None, unseen_as_nan=True):
-    """Per-class IoU (%) with NaN for classes absent from GT and predictions (official §5.3), the mIoU (nanmean,
-    %), oAcc and mAcc (%). With `train_counts` (labelled training points per class), classes never seen in
+    """Per-class IoU (%) with NaN for classes absent from GT and predictions (ScaLR utils/metrics.py), the mIoU
+    (nanmean, %), oAcc and mAcc (%). With `train_counts` (labelled training points per class), classes never seen in
     training are listed in 'unseen_in_train' and, if unseen_as_nan, reported as NaN and left out of the mIoU
-    (issue 7; the official metric counts them, usually as IoU 0)."""
-    import data
+    (docs/official.md §1; the official metric counts them, usually as IoU 0)."""
     cm = np.asarray(cm, dtype=np.int64)
     iou = np.asarray(data.per_class_iou(cm), dtype=np.float64) * 100
     unseen = [] if train_counts is None else [n for n, c in zip(class_names, train_counts) if c == 0]
@@ -1813,14 +1770,6 @@ def plot_per_class(per_class, path, title):
     return path
 
 # ==== [model] CLI: features and bench ====
-import argparse
-import contextlib
-import dataclasses
-import sys
-import time
-import warnings
-
-import numpy as np
 
 
 def read_scan_file(path, dataset=None):
@@ -1829,19 +1778,18 @@ def read_scan_file(path, dataset=None):
     .npy: (N, 4) array (default dataset nuscenes, the ScaLR pretraining setting); .pcd.bin: nuScenes, 5 float32
     columns (x, y, z, intensity, ring); other .bin: KITTI, 4 float32 columns (dataset semantic_kitti).
     Every unreadable file ends in one data.UserError naming it (a FileNotFoundError / ValueError)."""
-    from data import DataFileError, MissingDataFileError
     path = Path(path)
     if not path.is_file():
-        raise MissingDataFileError(f"scan {path} does not exist", "--scan", "check the path")
+        raise data.MissingDataFileError(f"scan {path} does not exist", "--scan", "check the path")
     name = path.name.lower()
     if name.endswith(".npy"):
         try:
             points = np.load(path, allow_pickle=False)
         except (ValueError, OSError, EOFError) as err:  # truncated, a pickled object array, not a .npy at all
-            raise DataFileError(f"scan {path} is not a readable .npy array ({str(err).splitlines()[0][:120]})",
+            raise data.DataFileError(f"scan {path} is not a readable .npy array ({str(err).splitlines()[0][:120]})",
                                 "--scan", "save the scan with np.save(path, points.astype(np.float32))") from None
         if points.ndim != 2 or points.shape[1] != 4:
-            raise DataFileError(f"scan {path}: expected an (N, 4) array [x, y, z, intensity], got shape "
+            raise data.DataFileError(f"scan {path}: expected an (N, 4) array [x, y, z, intensity], got shape "
                                 f"{points.shape}", "--scan", "slice your array to these 4 columns first")
         dataset = dataset or "nuscenes"
     elif name.endswith(".bin"):
@@ -1849,16 +1797,16 @@ def read_scan_file(path, dataset=None):
         columns = 5 if nuscenes else 4
         size = path.stat().st_size
         if size % (4 * columns):  # a cut-off download or another format: refuse rather than misalign columns
-            raise DataFileError(f"scan {path} is truncated or not a {'nuScenes .pcd.bin' if nuscenes else 'KITTI .bin'}"
+            raise data.DataFileError(f"scan {path} is truncated or not a {'nuScenes .pcd.bin' if nuscenes else 'KITTI .bin'}"
                                 f": {size} bytes is not a multiple of {columns} float32 values ({4 * columns}-byte "
                                 "records)", "--scan", "copy the file again, or pass --dataset to say which format")
         points = np.fromfile(path, dtype=np.float32).reshape(-1, columns)[:, :4]
         dataset = dataset or ("nuscenes" if nuscenes else "semantic_kitti")
     else:
-        raise DataFileError(f"unsupported scan file {path}", "--scan",
+        raise data.DataFileError(f"unsupported scan file {path}", "--scan",
                             "use .npy (N, 4), nuScenes .pcd.bin or KITTI .bin")
     if len(points) == 0:
-        raise DataFileError(f"scan {path} is empty (0 points)", "--scan", "pass a scan with points")
+        raise data.DataFileError(f"scan {path} is empty (0 points)", "--scan", "pass a scan with points")
     return np.ascontiguousarray(points, dtype=np.float32), dataset
 
 
@@ -1879,7 +1827,6 @@ def scan_features(model, points, dataset, cfg, layer="backbone", source=None):
     Rows with NaN/inf are dropped before preprocessing (with a warning; `source`, the file, given: the one-line
     warning of data.drop_nonfinite naming it) and, like the points outside the FOV or merged by voxelisation, get
     the feature of their nearest kept point (NaN coordinates read as 0)."""
-    import data  # lazy: data.py imports scipy
     finite = np.isfinite(points[:, :4]).all(axis=1)
     if not finite.all():
         if source is not None:
@@ -1920,15 +1867,16 @@ def features_main(argv):
     p.add_argument("--out", required=True, help="output .npy, float32 (N, C)")
     p.add_argument("--layer", choices=["backbone", "head"], default="backbone",
                    help="backbone = trunk output (F channels); head = after the final layer (classif)")
-    p.add_argument("--dataset", default=None, help="intensity statistics (official.md §1.1); default nuscenes, "
+    p.add_argument("--dataset", default=None, help="intensity statistics (data.INTENSITY_STATS); default nuscenes, "
                    "or semantic_kitti for a KITTI .bin")
     p.add_argument("--stage", default="pretrain", choices=["pretrain", "probe", "finetune"],
-                   help="grid/FOV preset of data.grid_config(dataset, stage) (official.md §3.4; ScaLR pretraining)")
+                   help="grid/FOV preset of data.grid_config(dataset, stage) (ScaLR configs; default: "
+                   "pretraining)")
     p.add_argument("--fov-min", type=float, nargs=3, default=None, help="FOV lower corner, m (ScaLR: -64 -64 -8)")
     p.add_argument("--fov-max", type=float, nargs=3, default=None, help="FOV upper corner, m (ScaLR: 64 64 8)")
     p.add_argument("--grids", type=parse_grids, default=None,
                    help="2D grids for projections along z, y, x (ScaLR: 256x256,256x32,256x32)")
-    p.add_argument("--voxel", type=float, default=None, help="voxel size, m (official.md §3.2: 0.1)")
+    p.add_argument("--voxel", type=float, default=None, help="voxel size, m (ScaLR configs: 0.1)")
     p.add_argument("--gelu", action="store_true", help="ScaLR+ backbone (GELU); not visible in the tensors")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (computation stays fp32)")
     p.add_argument("--threads", type=int, default=None,
@@ -1936,7 +1884,6 @@ def features_main(argv):
     p.add_argument("--trust-pickle", action="store_true",
                    help="torch.load(weights_only=False): only for checkpoint files you trust")
     args = p.parse_args(argv)
-    import data
     device = resolve_device(args.device)  # before any file is read: --device cuda without a GPU is refused here
     if args.threads is not None:
         if args.threads < 1:
@@ -1968,7 +1915,7 @@ def features_main(argv):
 
 def synthetic_batch(batch, points, k, grids, input_channels=5, device="cpu", seed=0):
     """Random inputs shaped like collate()'s output; scan b has points - b*points//10 real points, the rest is
-    padding as in official.md §3.7 (features 0, neighbours N-1, cell 0, occupied False)."""
+    padding as in ScaLR datasets/pc_dataset.py (features 0, neighbours N-1, cell 0, occupied False)."""
     g = torch.Generator().manual_seed(seed)
     feat = torch.randn(batch, input_channels, points, generator=g)
     cells = torch.stack([torch.randint(0, h * w, (batch, points), generator=g) for h, w in grids], dim=1)
@@ -2041,7 +1988,6 @@ def bench_variants(model, inputs, impls, compiled, amp):
 
 def scan_batch(path, batch, device="cpu"):
     """`batch` copies of one real scan, preprocessed as the `features` job does (ScaLR pretraining grid, eval)."""
-    import data
     points, dataset = read_scan_file(path)
     cfg = dataclasses.replace(data.grid_config(dataset, "pretrain"), max_points=None)
     sample = data.prepare_scan(points[np.isfinite(points).all(1)], dataset, cfg, train=False)
@@ -2182,7 +2128,6 @@ def bench_main(argv):
 
 def data_positive_int():
     """data.positive_int (argparse type), imported when the parser is built."""
-    import data
     return data.positive_int
 
 
@@ -2200,7 +2145,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    import data
     data.run_main(main)
     # The command is done and its output file closed: skip the interpreter's teardown of torch (finalising its
     # thousands of modules and objects takes ~1.2 s on a 2-core CPU, a sixth of a whole `features` job).
