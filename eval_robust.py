@@ -1281,7 +1281,8 @@ def _data_args(p):
     p.add_argument("--seed", type=data.nonneg_int, default=1205, help="corruption seed (Robo3D scripts seed 1205)")
     p.add_argument("--severities", default="1,2,3", help="severities 1=light,2=moderate,3=heavy (Robo3D: all 3)")
     p.add_argument("--corruptions", default=",".join(CORRUPTIONS), help="comma list (Robo3D: all 8)")
-    p.add_argument("--max-scans", type=data.positive_int, default=None, help="only the first N val scans")
+    p.add_argument("--max-scans", type=data.positive_int, default=None,
+                   help="only the first N val scans (default: all)")
     p.add_argument("--snow-physics", default="official", choices=["official", "corrected"],
                    help="official: as nuScenes-C (the target echo is scored with a flake's power, an inherited "
                         "bug of the Robo3D / LiDAR_snow_sim code); corrected: with its own power")

@@ -74,7 +74,7 @@ def parse_args(argv=None):
     a("--ckpt", default=None, help="distilled checkpoint to finetune (default: newest runs/distill*/model.pth); "
                                    "with --eval-only: the finetuned checkpoint to evaluate (ours or released)")
     a("--scratch", action="store_true", help="no-pretraining baseline: same recipe, random init (architecture of "
-                                             "--ckpt if one is found, else --width/--depth)")
+                                             "--ckpt if given, else --width/--depth)")
     a("--width", type=data.positive_int, default=None,
       help="backbone width F for --scratch without checkpoint (ScaLR configs: 768; toy: 64 as distill.py's toy "
            "preset)")
@@ -95,19 +95,23 @@ def parse_args(argv=None):
     a("--drop-path", type=drop_rate, default=0.2,
       help="stochastic depth, same rate in every block (Supp. B.4: 0.2; WaffleIron backbone.py: no linear ramp)")
     a("--layer-decay", type=data.positive_float, default=None,
-      help="layer-wise LR decay (Supp. B.4: 0.95 for 1 %% / 10 %%, 0.99 for 100 %%)")
+      help="layer-wise LR decay (default, Supp. B.4: 0.95 for 1 %% / 10 %%, 0.99 for 100 %%; the toy world "
+           "alike)")
     a("--epochs", type=data.positive_int, default=None,
-      help="training epochs (Supp. B.4: 45 for 1 %% / 10 %%, 25 for 100 %%; toy: see toy_epochs())")
+      help="training epochs (default, Supp. B.4: 45 for 1 %% / 10 %%, 25 for 100 %%; toy world: as many as make "
+           f"~{TOY_ITERS} iterations: 8 at 100 %% (6 it. per epoch), 48 at 10 %% (5 scans, 1 it. per epoch))")
     a("--official-kitti-epochs", action="store_true",
       help="SemanticKITTI 100 %%: the official config's 10 epochs / 1 warmup epoch instead of Supp. B.4's 25 "
            "(ScaLR configs/downstream/semantic_kitti/WI_768_finetune_100p.yaml; docs/official.md §1)")
     a("--warmup-epochs", type=data.nonneg_float, default=None,
-      help="linear warmup from LR 0 (Supp. B.4: the first tenth of the epochs; official configs 4 / 2 / 1)")
+      help="linear warmup from LR 0 (default, Supp. B.4: the first tenth of the epochs, rounded down as the "
+           "official configs: 4 of 45, 2 of 25, 1 of 10; toy world: exactly a tenth, counted in iterations)")
     a("--max-iters", type=data.positive_int, default=None,
-      help="stop after this many iterations in total (smoke tests; the LR schedule still spans --epochs)")
+      help="stop after this many iterations in total (smoke tests; the LR schedule still spans --epochs; "
+           "default: no limit)")
     a("--max-points", type=data.positive_int, default=None,
-      help="LimitNumPoints of the training scans (ScaLR utils/transforms.py and configs: 20000 around a random "
-           "centre); lower it to save memory or time")
+      help="LimitNumPoints of the training scans (default 20000 around a random centre, as ScaLR "
+           "utils/transforms.py and configs); lower it to save memory or time")
     a("--val-scans", type=data.positive_int, default=None,
       help="evaluate on the first N val scans only (smoke tests; default and paper: the whole val split)")
     a("--knn", type=data.positive_int, default=None,

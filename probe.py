@@ -24,7 +24,6 @@ DINOv2's semantics; real teacher weights (distill.py --teacher-weights) are what
 """
 import argparse
 import json
-import sys
 import os
 import shutil
 import time
@@ -789,6 +788,11 @@ def run_probe(args, model, ckpt, class_names, cfg, device, datasets, out):
 
 def main(argv=None):
     args = resolve_defaults(parse_args(argv))
+    return compare_with_random(args) if args.compare_random else probe(args)
+
+
+def probe(args):
+    """One linear probe (or --figures-only) with resolved arguments."""
     if args.threads:
         torch.set_num_threads(args.threads)
     rank, world, device = wi.setup_device(args.device)
@@ -820,17 +824,20 @@ def main(argv=None):
     wi.ddp_cleanup()
 
 
-def compare_with_random(argv):
+def compare_with_random(args):
     """README line 1, the main job's last step: probe the distilled backbone, then a randomly initialised backbone
     of the same architecture and grid with the same recipe, and print both mIoU side by side (Sec. 1 of the paper:
     distilled features must beat random ones under a linear probe). Single process only."""
-    argv = [a for a in argv if a != "--compare-random"]
+    if args.random_init:
+        raise data.UserError("--compare-random already runs the --random-init baseline", "--random-init",
+                             "drop --random-init (or --compare-random)")
+    ckpt = wi.resolve_backbone_checkpoint(args.ckpt, "--random-init")  # the distilled backbone, named once
     rows = []
-    first = Path(resolve_defaults(parse_args(argv)).out)
-    for name, extra in (("distilled (ScaLR)", []), ("random init", ["--random-init", "--out", f"{first}_random"])):
-        out = Path(resolve_defaults(parse_args(argv + extra)).out)
-        main(argv + extra)
-        rows.append((name, json.loads((out / "results.json").read_text())["miou"], out))
+    for name, change in (("distilled (ScaLR)", {}),
+                         ("random init", dict(random_init=True, out=f"{args.out}_random"))):
+        run = argparse.Namespace(**{**vars(args), "ckpt": ckpt, "compare_random": False, **change})
+        probe(run)
+        rows.append((name, json.loads((Path(run.out) / "results.json").read_text())["miou"], run.out))
     print("\nlinear probing on the same data, same head, same budget:")
     print(f"  {'backbone':<20} {'mIoU':>6}  outputs")
     for name, miou, out in rows:
@@ -838,11 +845,5 @@ def compare_with_random(argv):
     print(f"  gain from distillation: {rows[0][1] - rows[1][1]:+.1f} mIoU points")
 
 
-def cli(argv=None):
-    """Command line entry: --compare-random runs two probes, anything else one."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    return compare_with_random(argv) if "--compare-random" in argv else main(argv)
-
-
 if __name__ == "__main__":
-    data.run_main(cli)
+    data.run_main(main)

@@ -1,8 +1,29 @@
-"""test_all.py -- the paper's checklist: one test per fact, grouped by issue / file.
+"""test_all.py -- the paper's checklist: one test per fact, grouped like the paper and its supplementary.
 
 Run:  python -m pytest -q test_all.py          (CPU, about 5 minutes on 2 cores)
-Tests on ../shared/realdata (real nuScenes, KITTI, SemanticKITTI, PandaSet samples) skip with a reason when the
-folder is absent. No test downloads anything; teachers are tiny random timm models.
+
+Sections, in file order:
+   1. Data: class maps, camera projection, readers, preprocessing, metrics (Supp. B.1; ScaLR datasets/*.py)
+   2. The toy world (a small procedural nuScenes / SemanticKITTI stand-in, so that every stage runs on a CPU)
+   3. Model: the WaffleIron backbone, the heads (Supp. B.2), checkpoints, the features command
+   4. Training kit: schedules (Supp. B.2), layer decay (Supp. B.4), losses, resume, evaluation, DDP
+   5. Distillation, Eq. (1) (Sec. 3, Supp. B.2), and that a short toy distillation learns
+   6. Linear probing (Supp. B.3) and the Appendix C figures, and that the probe head learns
+   7. Finetuning with 1 / 10 / 100 % of the labels (Supp. B.4)
+   8. Robustness: nuScenes-C corruptions, mCE / mRR (Appendix A, Tab. 9)
+   9. The course: layout, README commands and exercises
+  10. Robustness (cont.): the snow, fog and wet-ground physics of Robo3D's generators; bad inputs
+  11. Distillation (cont.): teachers beyond the paper (DINOv3, registers, timm:), loss mean, antialias, bad inputs
+  12. Speed paths: preprocessing on the training device equals the CPU path
+  13. Bad input: data files (non-finite points, truncated files, broken tables, pickles, lists)
+  14. Probing / finetuning (cont.): the full-batch toy recipe, defaults, resume, bad input
+  15. Speed paths: sparse spatial mixing, folded embedding; bad checkpoints and full disks
+
+"docs/official.md" is this repository's page on the official code (github.com/valeoai/ScaLR, valeoai/WaffleIron);
+"ScaLR utils/x.py" names a file of the official ScaLR code. Tests on ../shared/realdata (real nuScenes, KITTI,
+SemanticKITTI, PandaSet samples) and ../shared/spec (the official checkpoint key list) skip with a reason when
+those folders are absent. No test downloads anything (teachers are tiny random timm models), and no test writes
+into the repository: toy worlds and runs go to pytest's tmp_path folders.
 """
 import argparse
 import contextlib
@@ -43,17 +64,31 @@ import finetune
 import probe
 import waffleiron as wi
 
+ROOT = Path(__file__).resolve().parent  # the repository (tests never rely on the current directory)
+_SHARED = ROOT.parent / "shared"  # optional: real samples and the official key list, next to the repository
+_REALDATA = _SHARED / "realdata"
+torch.set_num_threads(1)  # 2 shared cores: one intra-op thread is the fastest for these tiny models
+
+
+@pytest.fixture(scope="session")
+def toy4(tmp_path_factory):
+    """The small toy world most stage tests share: 4 nuScenes keyframes (3 mini_train + 1 mini_val) and 2 + 1
+    SemanticKITTI scans, seed 0, generated once per session in a tmp folder (never data/toy of the repository).
+    Tests only read it (copies made of symbolic links are edited instead)."""
+    return data.make_toy(tmp_path_factory.mktemp("toy4") / "toy", scans=4, seed=0, progress=False, workers=1)
+
 
 # ==============================================================================================================
-# Issue 3 - data.py: readers, projections, preprocessing, metrics
+# 1. Data: class maps, camera projection, readers, preprocessing, metrics (data.py)
+#    Supp. B.1; ScaLR datasets/{nuscenes,semantic_kitti,pandaset}_for_scalr.py, datasets/pc_dataset.py
 # ==============================================================================================================
 
-_DATA_REALDATA = Path(__file__).resolve().parent.parent / "shared" / "realdata"
+_DATA_REALDATA = _REALDATA
 _data_needs_realdata = pytest.mark.skipif(not _DATA_REALDATA.is_dir(),
-                                          reason=f"real samples absent: {_DATA_REALDATA}")
+                                          reason=f"real samples absent: {_DATA_REALDATA} (optional folder)")
 _DATA_NUS_A = "ca9a282c9e77460f8360f564131a8af5"  # 34,688 points + 6 cameras, no labels
 _DATA_NUS_B = "6eb8a3ff0abf4f3a9380a48f2a0b87ef"  # 40 points + lidarseg, no camera
-# realdata README, "Projection of sample A" (devkit map_pointcloud_to_image)
+# ../shared/realdata/README.md, "Projection of sample A" (nuscenes-devkit map_pointcloud_to_image)
 _DATA_NUS_A_COUNTS = {"CAM_FRONT": 3053, "CAM_FRONT_RIGHT": 3076, "CAM_FRONT_LEFT": 3696, "CAM_BACK": 4820,
                 "CAM_BACK_LEFT": 4089, "CAM_BACK_RIGHT": 3369}
 
@@ -63,11 +98,11 @@ def _data_nuscenes():
     return ds, ds.index_of(_DATA_NUS_A)
 
 
-# ---------------------------------------------------------------- class maps (official.md §1)
+# ---------------------------------------------------------------- 1.1 class maps and grids (Supp. B.1)
 def test_class_maps_match_official_tables():
     assert [len(data.CLASS_NAMES[k]) for k in ("nuscenes", "semantic_kitti", "pandaset")] == [16, 19, 17]
     nus = data.NUSCENES_LUT
-    # official.md §1.2 table (final index after -1)
+    # nuScenes-lidarseg challenge mapping, ScaLR datasets/nuscenes_for_scalr.py (final index after the -1 shift)
     expect = {0: 255, 1: 255, 2: 6, 3: 6, 4: 6, 5: 255, 6: 6, 7: 255, 8: 255, 9: 0, 10: 255, 11: 255, 12: 7,
               13: 255, 14: 1, 15: 2, 16: 2, 17: 3, 18: 4, 19: 255, 20: 255, 21: 5, 22: 8, 23: 9, 24: 10,
               25: 11, 26: 12, 27: 13, 28: 14, 29: 255, 30: 15, 31: 255}
@@ -94,7 +129,7 @@ def test_grid_config_official_table():
     assert data.grid_config("pandasetgt", "pretrain").grids == ((256, 256), (256, 32), (256, 32))
 
 
-# ---------------------------------------------------------------- projections
+# ---------------------------------------------------------------- 1.2 camera projection (Sec. 3: point-pixel pairs)
 def test_projection_synthetic_pinhole_hand_computed():
     K = np.array([[100.0, 0, 50], [0, 200.0, 40], [0, 0, 1]])
     T = np.eye(4)
@@ -150,6 +185,26 @@ def test_inspect_cli_writes_pairs_npz(tmp_path):
     assert sorted(z.files) == sorted(f"{c}__{k}" for c in data.NUSCENES_CAMERAS for k in ("idx", "uv", "depth"))
     assert z["CAM_FRONT__idx"].dtype == np.int64 and z["CAM_FRONT__uv"].dtype == np.float64
     assert z["CAM_BACK__depth"].shape == (4820,) and len(list(tmp_path.glob("CAM_*.png"))) == 6
+    # the saved pairs are the reader's projection, with the devkit's per-camera counts (realdata README)
+    ds, i = _data_nuscenes()
+    ref = ds.project_all(i)
+    for cam in data.NUSCENES_CAMERAS:
+        assert len(z[f"{cam}__idx"]) == _DATA_NUS_A_COUNTS[cam], cam
+        np.testing.assert_array_equal(z[f"{cam}__idx"], ref[cam]["idx"])
+        np.testing.assert_allclose(z[f"{cam}__uv"], ref[cam]["uv"], rtol=0, atol=1e-9)
+        np.testing.assert_allclose(z[f"{cam}__depth"], ref[cam]["depth"], rtol=0, atol=1e-9)
+    # the picture is the camera image with a 3 x 3 dot at each projected point, and nothing else changed
+    with Image.open(tmp_path / "CAM_BACK.png") as im:
+        drawn = np.asarray(im.convert("RGB"))
+    raw = ds.image(i, "CAM_BACK")
+    assert drawn.shape == raw.shape == (900, 1600, 3)
+    col, row = np.floor(z["CAM_BACK__uv"]).astype(np.int64).T
+    dots = np.zeros((900, 1600), bool)
+    for dr in (-1, 0, 1):
+        for dc in (-1, 0, 1):
+            dots[np.clip(row + dr, 0, 899), np.clip(col + dc, 0, 1599)] = True
+    changed = (drawn != raw).any(-1)
+    assert not changed[~dots].any() and changed[row, col].mean() > 0.9
 
 
 @_data_needs_realdata
@@ -173,7 +228,7 @@ def test_kitti_object_car_points_project_into_2d_boxes():
         assert inside.mean() >= 0.95, box["bbox"]
 
 
-# ---------------------------------------------------------------- readers
+# ---------------------------------------------------------------- 1.3 readers of the native layouts
 @_data_needs_realdata
 def test_nuscenes_sample_b_labels_and_missing_cameras():
     ds, _ = _data_nuscenes()
@@ -248,7 +303,7 @@ def test_merged_keeps_official_order_and_label_spaces():
     assert m.points(2).shape == (50, 4) and m.scan_id(0).startswith("nuscenes:")
 
 
-# ---------------------------------------------------------------- preprocessing (official.md §3)
+# ---------------------------------------------------------------- 1.4 preprocessing (docs/official.md §2, "Data")
 def test_knn_and_cells_match_brute_force():
     rng = np.random.default_rng(0)
     xyz = rng.uniform(-60, 60, (400, 3)) * [1, 1, 0.1]
@@ -266,6 +321,9 @@ def test_knn_and_cells_match_brute_force():
     assert cells[1].max() < 256 * 32
     small = data.knn_indices(xyz[:5], k=16)  # fewer points than k: self fills the missing neighbours
     assert small.shape == (16, 5) and small.max() < 5
+    for i in range(5):  # the 4 other points nearest first, then the point itself 12 times
+        others = [j for j in np.argsort(d[i, :5]) if j != i]
+        assert small[:4, i].tolist() == others and (small[4:, i] == i).all()
 
 
 def test_voxelize_limit_fov_features():
@@ -296,6 +354,13 @@ def test_prepare_scan_eval_upsample_and_train_augmentation():
     np.testing.assert_allclose(ev["feat"][4], np.linalg.norm(pts[ev["kept"], :3], axis=1), rtol=1e-5)
     assert ev["upsample"].shape == (3000,) and (ev["upsample"][np.searchsorted(np.arange(3000), ev["kept"])]
                                                  == np.arange(M)).all()  # kept points map to themselves
+    # every original point (those cropped by the FOV too) takes the prediction of its NEAREST kept point (1-NN)
+    np.testing.assert_array_equal(ev["xyz"], pts[ev["kept"], :3])  # eval: no augmentation
+    nearest, _ = cKDTree(ev["xyz"].astype(np.float64)).query(pts[:, :3].astype(np.float64))
+    got = np.linalg.norm(pts[:, :3] - ev["xyz"][ev["upsample"]], axis=1)
+    np.testing.assert_allclose(got, nearest, rtol=0, atol=1e-5)
+    outside = ~data.fov_mask(pts[:, :3], cfg)
+    assert outside.sum() > 100 and not np.isin(np.flatnonzero(outside), ev["kept"]).any()
     tr = data.prepare_scan(pts, "nuscenes", cfg, train=True, rng=np.random.default_rng(1), labels=labels)
     assert tr["feat"].shape[1] <= 1000 and (tr["upsample"] == np.arange(tr["feat"].shape[1])).all()
     # desynchronised augmentation: the geometric xyz and the feature xyz differ, radius is scaled only
@@ -313,7 +378,7 @@ def test_collate_pads_scans_of_different_sizes():
     rng = np.random.default_rng(0)
     cfg = data.GridConfig()
     s = [data.prepare_scan(rng.uniform(-20, 20, (n, 4)).astype(np.float32), "semantic_kitti", cfg, False,
-                           labels=np.zeros(n, np.int64)) for n in (50, 80)]
+                           labels=rng.integers(0, 19, n)) for n in (50, 80)]
     s[0]["scan_id"], s[1]["scan_id"] = "a", "b"
     b = data.collate(s)
     m0, m1 = s[0]["feat"].shape[1], s[1]["feat"].shape[1]
@@ -322,9 +387,17 @@ def test_collate_pads_scans_of_different_sizes():
     assert (b["neighbors"][0, :, m0:] == m1 - 1).all() and (b["cells"][0, :, m0:] == 0).all()
     assert (b["feat"][0, :, m0:] == 0).all() and b["labels"].shape == (m0 + m1,)
     assert b["scan_id"] == ["a", "b"] and b["upsample"][1].shape == (80,)
+    # the real points keep their values: features, cells, neighbours; labels concatenated without padding
+    for j, (si, m) in enumerate(zip(s, (m0, m1))):
+        np.testing.assert_array_equal(b["feat"][j, :, :m].numpy(), si["feat"])
+        np.testing.assert_array_equal(b["cells"][j, :, :m].numpy(), si["cells"])
+        np.testing.assert_array_equal(b["neighbors"][j, :, :m].numpy(), si["neighbors"])
+        np.testing.assert_array_equal(b["upsample"][j].numpy(), si["upsample"])
+    np.testing.assert_array_equal(b["labels"].numpy(), np.concatenate([s[0]["labels"], s[1]["labels"]]))
+    assert b["occupied"][1].all() and b["feat"][1].abs().sum() > 0
 
 
-# ---------------------------------------------------------------- metrics (official.md §5.3)
+# ---------------------------------------------------------------- 1.5 metrics (mIoU, ScaLR utils/metrics.py)
 def test_miou_against_hand_computed_confusion():
     gt = np.array([0, 0, 1, 1, 1, 2, 255, 255])
     pred = np.array([0, 1, 1, 1, 0, 1, 2, 0])
@@ -337,7 +410,7 @@ def test_miou_against_hand_computed_confusion():
     assert data.mean_iou(cm) == pytest.approx((1 / 3 + 2 / 5 + 0) / 3)
 
 
-# ---------------------------------------------------------------- subsets and bad input
+# ---------------------------------------------------------------- 1.6 label subsets (Supp. B.4) and bad input
 def _data_write_kitti_tree(root, seqs, n, labels=True):
     for s in seqs:
         d = root / "dataset" / "sequences" / s
@@ -354,7 +427,7 @@ def test_semantic_kitti_one_percent_subset_rule(tmp_path, capsys):
     ds = data.get_dataset("semantic_kitti", _data_write_kitti_tree(tmp_path / "sk", ["00", "01", "09"], 70))
     assert len(ds) == 210 and ds.labels(0).tolist() == [8] * 20  # 40 road (instance bits ignored) -> 8
     keep = data.label_subset(ds, 0.01, out_dir=tmp_path / "out")
-    assert keep == [0, 100, 200]  # sorted(paths)[::100] (official.md §1.3)
+    assert keep == [0, 100, 200]  # sorted(paths)[::100] (ScaLR datasets/semantic_kitti_for_scalr.py, 1 %)
     assert (tmp_path / "out" / "subset_semantic_kitti_1pct.txt").read_text().split() == \
         ["00/000000", "01/000030", "09/000060"]
     assert "3 of 210 scans" in capsys.readouterr().out
@@ -496,7 +569,7 @@ def test_pandaset_truncated_pickle_error(tmp_path):
 
 
 # ==============================================================================================================
-# Issue 4 - the embedded toy world
+# 2. The toy world: procedural scenes written as nuScenes / SemanticKITTI files (data.make_toy)
 # ==============================================================================================================
 
 _TOY_SCANS = 2  # -> 1 mini_train + 1 mini_val nuScenes keyframe, 1 + 1 KITTI scans (seconds)
@@ -566,11 +639,23 @@ def test_toy_nuscenes_tables_follow_schema(_toy_tree):
     for r in sd:  # each sensor record has its own ego pose at its own timestamp
         assert poses[r["ego_pose_token"]]["timestamp"] == r["timestamp"]
         per_sample.setdefault(r["sample_token"], []).append(tuple(poses[r["ego_pose_token"]]["translation"]))
-        assert (_toy_tree / "nuscenes" / r["filename"]).is_file()
+        path = _toy_tree / "nuscenes" / r["filename"]
+        if r["fileformat"] == "jpg":  # the file is a JPEG of the size the record states
+            with Image.open(path) as im:
+                assert (im.format, im.size) == ("JPEG", (r["width"], r["height"])), r["filename"]
+        else:  # a .pcd.bin of 5 float32 columns (x, y, z, intensity, ring) with finite values
+            assert r["fileformat"] == "pcd" and path.stat().st_size % 20 == 0 and path.stat().st_size > 0
+            rows = np.fromfile(path, np.float32).reshape(-1, 5)
+            assert np.isfinite(rows).all() and np.array_equal(rows[:, 4], np.round(rows[:, 4]))
     assert all(len(set(ts)) == 7 for ts in per_sample.values())
     for s in tab["scene"]:
         assert s["first_sample_token"] in {x["token"] for x in tab["sample"]}
     assert len(tab["lidarseg"]) == len(tab["sample"])
+    lidar = {r["token"]: r for r in sd if r["fileformat"] == "pcd"}
+    for rec in tab["lidarseg"]:  # one uint8 raw label (0..31) per point of its lidar sweep
+        n_points = (_toy_tree / "nuscenes" / lidar[rec["sample_data_token"]]["filename"]).stat().st_size // 20
+        raw = np.fromfile(_toy_tree / "nuscenes" / rec["filename"], np.uint8)
+        assert len(raw) == n_points and raw.max() < 32
     K = [c["camera_intrinsic"] for c in tab["calibrated_sensor"] if c["camera_intrinsic"]][0]
     assert np.array(K).shape == (3, 3) and K[2] == [0, 0, 1]
 
@@ -638,7 +723,7 @@ def test_toy_ensure_regenerates_half_written_tree(tmp_path):
     root = data.ensure_toy(tmp_path / "t", scans=1)
     done = root / "DONE"
     assert done.is_file() and (root / "nuscenes" / "v1.0-mini" / "sample.json").is_file()
-    stamp = done.stat().st_mtime_ns
+    stamp, first = done.stat().st_mtime_ns, _toy_tree_hash(root)
     assert data.ensure_toy(root, scans=1) == root and done.stat().st_mtime_ns == stamp   # complete: kept
     done.unlink()
     (root / "nuscenes" / "v1.0-mini" / "sample.json").unlink()                           # half-written tree
@@ -650,6 +735,7 @@ def test_toy_ensure_regenerates_half_written_tree(tmp_path):
         p.join(120)
     assert [p.exitcode for p in procs] == [0, 0]
     assert done.is_file() and (root / "nuscenes" / "v1.0-mini" / "sample.json").is_file()
+    assert _toy_tree_hash(root) == first  # regenerated byte for byte (seed 0), not a mix of two writers
     assert len(data.get_dataset("toy", root=root, split="val")) == 1
     with pytest.raises(FileExistsError):       # never overwrites a folder it did not write
         (tmp_path / "real" / "nuscenes").mkdir(parents=True)
@@ -657,23 +743,39 @@ def test_toy_ensure_regenerates_half_written_tree(tmp_path):
 
 
 def test_toy_preview_png(_toy_tree, tmp_path):
+    """README picture: bird's-eye view + camera, points coloured by their class; the legend lists exactly the
+    classes of the scan."""
     out = data.render_toy_preview(_toy_tree, tmp_path / "p.png")
-    from PIL import Image
     with Image.open(out) as im:
         w, h = im.size
+        rgb = np.asarray(im.convert("RGB")).astype(int)
     assert w > 800 and h > 300
+    ds = data.get_dataset("toy", root=_toy_tree, split="val")
+    lab = ds.labels(0)
+    present = set(np.unique(lab[lab != data.IGNORE]).tolist())
+    assert len(present) >= 6
+    legend = rgb[int(0.88 * h):]  # the legend strip under the two panels
+    for k, colour in enumerate(np.round(data.TOY_PREVIEW_COLOURS * 255).astype(int)):
+        hits = np.abs(rgb - colour).max(-1) <= 3
+        in_legend = (np.abs(legend - colour).max(-1) <= 3).sum()
+        if k in present:
+            assert hits.sum() >= 30 and in_legend > 0, data.CLASS_NAMES["nuscenes"][k]
+        elif np.ptp(colour) > 60:  # a saturated colour cannot come from the grey text or the axes
+            assert in_legend == 0, data.CLASS_NAMES["nuscenes"][k]
+    road = np.round(data.TOY_PREVIEW_COLOURS[data.CLASS_NAMES["nuscenes"].index("driveable_surface")] * 255)
+    assert (np.abs(rgb[:, : w // 3] - road).max(-1) <= 3).sum() > 300  # the ground rings of the BEV panel
 
 
 # ==============================================================================================================
-# Issue 5 - waffleiron.py: the backbone, heads, released checkpoints, features CLI
+# 3. Model: the WaffleIron backbone, the heads (Supp. B.2), checkpoints, the features command (waffleiron.py)
+#    WaffleIron waffleiron/backbone.py, embedding.py, segmenter.py; ScaLR distill.py for the head
 # ==============================================================================================================
 
-ROOT = Path(__file__).resolve().parent
-_MODEL_SPEC = ROOT.parent / "shared" / "spec" / "official_checkpoint_keys.json"
-_model_needs_spec = pytest.mark.skipif(not _MODEL_SPEC.is_file(), reason=f"official key list absent: {_MODEL_SPEC}")
+_MODEL_SPEC = _SHARED / "spec" / "official_checkpoint_keys.json"
+_model_needs_spec = pytest.mark.skipif(not _MODEL_SPEC.is_file(),
+                                       reason=f"official key list absent: {_MODEL_SPEC} (optional file)")
 _MODEL_GRIDS = ((6, 5), (6, 3), (5, 3))
-_MODEL_REALDATA = ROOT.parent / "shared" / "realdata"
-torch.set_num_threads(1)
+_MODEL_REALDATA = _REALDATA
 
 
 def _model_tiny(width=16, depth=3, nb_class=7, seed=0, **kw):
@@ -712,12 +814,12 @@ def _model_permute(inputs, perms):
     return feat, cells, neighbors, occupied
 
 
-# ---- parameter counts and names (official.md §4.3, official_checkpoint_keys.json) ----
+# ---- 3.1 parameter counts and tensor names (the released checkpoints) ----
 
 def test_wi_48_768_scalr_pretraining_has_official_parameter_count():
     model = wi.WaffleIron(5, 768, 48, 1024)  # ScaLR: LayerNorm, linear distillation head 768 -> 1024
     assert sum(p.numel() for p in model.parameters()) == 60_222_996
-    # per block 2F^2 + 28F (official.md §4.3)
+    # per block 2F^2 + 28F: two F x F pointwise convs, two depthwise 3x3 convs, norms, LayerScales
     assert sum(p.numel() for p in model.waffleiron.parameters()) == 48 * (2 * 768 ** 2 + 28 * 768)
 
 
@@ -737,15 +839,45 @@ def test_official_checkpoint_tensor_names_and_shapes_match(entry):
     assert ours == spec["tensors"]
 
 
-# ---- the forward pass ----
+# ---- 3.2 the forward pass (WaffleIron paper Sec. 3: embedding, spatial and channel mixing) ----
+
+def _model_head_by_hand(head, x):
+    """The head's layers applied one by one from their tensors (eval mode): x (B, F, N) -> (B, C, N)."""
+    for m in (head if isinstance(head, nn.Sequential) else [head]):
+        if isinstance(m, nn.Conv1d):
+            x = torch.einsum("oc,bcn->bon", m.weight[:, :, 0], x) + m.bias[None, :, None]
+        elif isinstance(m, nn.BatchNorm1d):  # running statistics
+            x = (x - m.running_mean[:, None]) / torch.sqrt(m.running_var[:, None] + m.eps) * m.weight[:, None] \
+                + m.bias[:, None]
+        elif isinstance(m, nn.LayerNorm):  # over the channels of each point
+            mu, var = x.mean(1, keepdim=True), x.var(1, unbiased=False, keepdim=True)
+            x = (x - mu) / torch.sqrt(var + m.eps) * m.weight[:, None] + m.bias[:, None]
+        elif isinstance(m, nn.ReLU):
+            x = x.clamp(min=0)
+        elif not isinstance(m, nn.Identity):
+            raise AssertionError(f"unexpected head layer {m}")
+    if isinstance(head, wi.MLPDistillHead):  # Supp. B.2: each teacher part l2-normalised
+        x = x / x.norm(dim=1, keepdim=True)
+    return x
+
 
 @pytest.mark.parametrize("head,channels", [("linear", 7), ("seg", 7), ("scalr_plus", 7), ("mlp", 7), (None, 16)])
 def test_forward_shapes_for_every_head(head, channels):
+    """Every head on the trunk output: the shape, and the values of the head's layers applied by hand to the
+    official-layout trunk (wi.naive_forward_features)."""
     model = _model_tiny(head=head).eval()
+    if head == "seg":  # zero-initialised conv: give it weights, else every output is 0
+        nn.init.normal_(model.classif[1].weight)
+        nn.init.normal_(model.classif[1].bias)
     inputs = _model_batch()
     with torch.no_grad():
-        assert model.forward_features(*inputs).shape == (2, 16, 40)
-        assert model(*inputs).shape == (2, channels, 40)
+        feats = model.forward_features(*inputs)
+        out = model(*inputs)
+        naive = wi.naive_forward_features(model, *inputs)
+        expected = _model_head_by_hand(model.classif, naive)
+    assert feats.shape == (2, 16, 40) and out.shape == (2, channels, 40)
+    assert out.abs().max() > 0.05 and out.std() > 1e-3  # not a constant
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("layer_norm", [True, False])
@@ -815,7 +947,8 @@ def test_permutation_equivariance_within_a_batch():
 
 
 def test_padding_does_not_change_real_points():
-    """A scan padded into a bigger batch gives the same features on its real points (official.md §3.7)."""
+    """A scan padded into a bigger batch gives the same features on its real points (docs/official.md §2:
+    padded points are left out of the 2D cell averages)."""
     model = _model_tiny().eval()
     feat, cells, neighbors, occupied = _model_batch(batch=2, points=30)
     n = int(occupied[1].sum())
@@ -854,9 +987,15 @@ def test_activation_checkpointing_gives_the_same_gradients():
 
 
 def test_layerscale_default_init_is_uniform_minus_one_one():
+    """docs/official.md §2: LayerScale keeps PyTorch's Conv1d init (fan_in 1: U(-1, 1)), not 1e-5 / 1e-6."""
+    from scipy.stats import kstest
+    torch.manual_seed(0)
     model = wi.WaffleIron(5, 256, 2, 4)
-    s = torch.cat([m.scale.weight.flatten() for m in model.waffleiron.spatial_mix])
-    assert s.abs().max() <= 1 and s.abs().max() > 0.9 and s.std() > 0.5  # official.md §4.2: no 1e-5 init
+    for mixes in (model.waffleiron.spatial_mix, model.waffleiron.channel_mix):
+        s = torch.cat([m.scale.weight.detach().flatten() for m in mixes]).double()
+        assert s.shape == (512,) and s.abs().max() <= 1 and s.abs().max() > 0.9
+        assert abs(s.mean()) < 0.1 and abs(s.std() - 1 / math.sqrt(3)) < 0.05  # U(-1, 1): mean 0, std 0.577
+        assert kstest(s.numpy(), "uniform", args=(-1, 2)).pvalue > 1e-3
 
 
 def test_cells_outside_the_grid_fail_clearly():
@@ -867,7 +1006,7 @@ def test_cells_outside_the_grid_fail_clearly():
         model(feat, cells, neighbors, occupied)
 
 
-# ---- heads (Supp. B.2, official.md §4.3-4.4) ----
+# ---- 3.3 heads (Supp. B.2 distillation heads, downstream BN + zero-init linear) ----
 
 def test_supp_b2_mlp_head_normalises_each_teacher_part():
     head = wi.mlp_distill_head(16, [5, 3])
@@ -891,7 +1030,7 @@ def test_seg_head_is_batchnorm_and_zero_linear():
     assert model.eval()(*_model_batch()).abs().max() == 0
 
 
-# ---- checkpoint I/O (official.md §7) ----
+# ---- 3.4 checkpoints (released files: model_point / net, DDP prefix; docs/official.md §2) ----
 
 def _model_random_state(shapes):
     g = torch.Generator().manual_seed(0)
@@ -970,7 +1109,7 @@ def test_norm_and_head_types_are_inferred_from_tensors():
             assert (cfg["layer_norm"], cfg["head"], cfg["nb_class"], cfg["depth"]) == (layer_norm, head, n, 2)
 
 
-# ---- features CLI ----
+# ---- 3.5 the features command (python waffleiron.py features) ----
 
 def _model_tiny_checkpoint(tmp_path):
     model = _model_tiny(width=8, depth=2, nb_class=3, grids=wi.DEFAULT_GRIDS)
@@ -994,6 +1133,10 @@ def test_features_cli_rows_follow_input_order_and_nan_rows(tmp_path):
     wi.main(["features", "--ckpt", str(ckpt), "--scan", str(tmp_path / "scan.npy"), "--out", str(tmp_path / "f.npy")])
     feats = np.load(tmp_path / "f.npy")
     assert feats.shape == (250, 8) and feats.dtype == np.float32 and np.isfinite(feats).all()
+    with torch.no_grad():  # the file holds the trunk output of each input row (all points, no 20k limit)
+        direct = wi.scan_features(model, points, "nuscenes", data.GridConfig(max_points=None), "backbone")
+    np.testing.assert_allclose(feats, direct, rtol=1e-4, atol=1e-5)
+    assert np.abs(feats).max() > 0.1 and len(np.unique(feats[:, 0])) > 200  # distinct points, distinct rows
     # shuffled rows -> shuffled features (nothing is merged by voxelisation here)
     perm = np.random.default_rng(1).permutation(250)
     np.save(tmp_path / "perm.npy", points[perm])
@@ -1001,7 +1144,6 @@ def test_features_cli_rows_follow_input_order_and_nan_rows(tmp_path):
              "--layer", "head"])
     head = np.load(tmp_path / "g.npy")
     assert head.shape == (250, 3)
-    import data
     with torch.no_grad():
         head_direct = wi.scan_features(model, points, "nuscenes", data.GridConfig(max_points=None), "head")
     np.testing.assert_allclose(head, head_direct[perm], rtol=1e-4, atol=1e-5)
@@ -1037,19 +1179,24 @@ def test_features_cli_reads_bin_files_and_rejects_bad_scans(tmp_path):
 
 
 
-@pytest.mark.skipif(not (_MODEL_REALDATA / "nuscenes").is_dir(), reason="../shared/realdata absent")
+@pytest.mark.skipif(not _MODEL_REALDATA.is_dir(), reason=f"real samples absent: {_MODEL_REALDATA} (optional folder)")
 def test_features_cli_on_real_nuscenes_and_kitti_scans(tmp_path):
-    _, ckpt = _model_tiny_checkpoint(tmp_path)
+    model, ckpt = _model_tiny_checkpoint(tmp_path)
     scan = next((_MODEL_REALDATA / "nuscenes" / "samples" / "LIDAR_TOP").glob("*1532402927647951.pcd.bin"))
     wi.main(["features", "--ckpt", str(ckpt), "--scan", str(scan), "--out", str(tmp_path / "f.npy")])
     feats = np.load(tmp_path / "f.npy")
     raw = np.fromfile(scan, dtype=np.float32).reshape(-1, 5)
     assert feats.shape == (len(raw), 8) == (34688, 8) and np.isfinite(feats).all()
     assert len(np.unique(feats[:, 0])) > 1000  # distinct points get distinct features
+    # the .pcd.bin is read as nuScenes (5 columns, ring dropped, nuScenes intensity statistics): the same rows as
+    # the trunk on the first 4 columns
+    with torch.no_grad():
+        direct = wi.scan_features(model, raw[:, :4], "nuscenes", data.GridConfig(max_points=None), "backbone")
+    np.testing.assert_allclose(feats, direct, rtol=1e-4, atol=1e-4)
     kitti = _MODEL_REALDATA / "semantic_kitti" / "dataset" / "sequences" / "00" / "velodyne" / "000000.bin"
     points, dataset = wi.read_scan_file(kitti)
     assert dataset == "semantic_kitti" and points.shape == (kitti.stat().st_size // 16, 4)
-    assert 0 <= points[:, 3].min() and points[:, 3].max() <= 1  # KITTI intensity in [0, 1] (official.md §11.3)
+    assert 0 <= points[:, 3].min() and points[:, 3].max() <= 1  # KITTI remission in [0, 1], not 0..255
 
 
 def test_features_cli_rejects_unknown_dataset_and_missing_files(tmp_path):
@@ -1098,10 +1245,9 @@ def test_our_stage_checkpoints_with_nested_config_restore_non_inferable_settings
 
 
 # ==============================================================================================================
-# Issue 5 - waffleiron.py: schedules, layer decay, atomic resume, DDP, losses, evaluation
+# 4. Training kit (waffleiron.py): schedules (Supp. B.2), layer decay (Supp. B.4), CE + Lovasz, atomic checkpoints
+#    and bit-exact resume, evaluation on all original points, AMP, DDP (ScaLR utils/scheduler.py, utils/finetuner.py)
 # ==============================================================================================================
-
-torch.set_num_threads(1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1118,7 +1264,7 @@ class _train_FakeMix(nn.Module):
 
 
 class _train_FakeWaffleIron(nn.Module):
-    """Module tree with the official names (official §7): embed.*, waffleiron.{channel,spatial}_mix.i.*, classif.*"""
+    """Module tree with the official tensor names: embed.*, waffleiron.{channel,spatial}_mix.i.*, classif.*"""
 
     def __init__(self, f=4, depth=3, classes=5):
         super().__init__()
@@ -1186,7 +1332,7 @@ def _train_batch(scans, k=3):
 # schedules
 # ---------------------------------------------------------------------------------------------------------------
 def test_supp_b2_warmup_cosine_factor_values():
-    m = 1e-5 / 2e-3  # official §6.1: m = min_lr / lr
+    m = 1e-5 / 2e-3  # ScaLR utils/scheduler.py: m = min_lr / lr
     assert wi.warmup_cosine(0, 10, 110, m) == 0.0  # the first step is taken with lr = 0
     assert wi.warmup_cosine(5, 10, 110, m) == pytest.approx(0.5)
     assert wi.warmup_cosine(10, 10, 110, m) == pytest.approx(1.0)
@@ -1239,7 +1385,7 @@ def test_supp_b4_layer_decay_groups_official_rule():
     groups = wi.layer_decay_param_groups(model, lr, decay, weight_decay=0.01)
     lr_of = {n: g['lr'] for g in groups for n in g['param_names']}
     wd_of = {n: g['weight_decay'] for g in groups for n in g['param_names']}
-    # official §6.4: head 1, last block decay^1, block 0 decay^L, embedding decay^(L+1)
+    # BEiT-style rule (docs/official.md §2): head 1, last block decay^1, block 0 decay^L, embedding decay^(L+1)
     assert lr_of['classif.weight'] == pytest.approx(lr)
     assert lr_of['waffleiron.channel_mix.2.mlp.0.weight'] == pytest.approx(lr * decay)
     assert lr_of['waffleiron.spatial_mix.2.norm.weight'] == pytest.approx(lr * decay)
@@ -1313,7 +1459,7 @@ def test_seg_loss_ce_plus_lovasz_ignores_255():
     ce = F.cross_entropy(logits, labels, ignore_index=255)
     lov = wi.lovasz_softmax(torch.softmax(logits[valid], 1), labels[valid])
     loss, parts = wi.seg_loss(logits, labels, return_parts=True)
-    assert loss.item() == pytest.approx((ce + lov).item(), abs=1e-6)  # official §5.2: CE + 1.0 * Lovász
+    assert loss.item() == pytest.approx((ce + lov).item(), abs=1e-6)  # Supp. B.3 / B.4: CE + 1.0 * Lovász
     assert parts['ce'] == pytest.approx(ce.item(), abs=1e-6)
     garbage = logits.clone()
     garbage[~valid] = 1e4  # ignored points cannot change the loss
@@ -1614,22 +1760,20 @@ def test_ddp_two_gloo_processes(tmp_path):
     assert np.array_equal(res[0]['cm_eval'], expect) and np.array_equal(res[1]['cm_eval'], expect)
 
 
-def test_evaluate_toy_scans_all_original_points_and_padding_free():
-    """Real data.py pipeline + real WaffleIron: every labelled original point is counted once (official §3.8), and
-    batching two scans (zero-padding, official §3.7) gives the same confusion as one scan at a time."""
-    import data
-    if not all(hasattr(data, n) for n in ('get_dataset', 'SegmentationDataset', 'collate', 'grid_config')) \
-            or not hasattr(wi, 'WaffleIron'):
-        pytest.skip('data.py / the [model] section are not complete yet')
-    ds = data.get_dataset('toy', split='val')
+def test_evaluate_toy_scans_all_original_points_and_padding_free(toy4):
+    """Real data.py pipeline + real WaffleIron: every labelled original point is counted once (evaluation on all
+    original points by 1-NN upsampling, docs/official.md §2), and batching two scans (zero-padding) gives the same
+    confusion as one scan at a time."""
+    ds = data.get_dataset('toy', root=toy4, split='train')  # a tmp toy world (never the default data/toy)
     cfg = data.grid_config('toy', 'finetune')
     k = len(ds.class_names)
     torch.manual_seed(0)
     model = wi.WaffleIron(input_channels=5, feat_channels=8, depth=2, nb_class=k, grids=cfg.grids, head='seg')
     nn.init.normal_(model.classif[1].weight)  # the zero-init seg head would predict class 0 everywhere
     seg = data.SegmentationDataset(ds, cfg, train=False, subset=[0, 1])
-    cm_pair = wi.evaluate(model, wi.make_loader(seg, 2, False, collate_fn=data.collate), k, 'cpu', progress=False)
-    cm_single = wi.evaluate(model, wi.make_loader(seg, 1, False, collate_fn=data.collate), k, 'cpu', progress=False)
+    loader = lambda b: torch.utils.data.DataLoader(seg, batch_size=b, collate_fn=data.collate)  # noqa: E731
+    cm_pair = wi.evaluate(model, loader(2), k, 'cpu', progress=False)
+    cm_single = wi.evaluate(model, loader(1), k, 'cpu', progress=False)
     labelled = sum(int((ds.labels(i) != data.IGNORE).sum()) for i in (0, 1))
     assert cm_pair.sum() == labelled
     assert np.array_equal(cm_pair, cm_single)
@@ -1637,10 +1781,9 @@ def test_evaluate_toy_scans_all_original_points_and_padding_free():
 
 
 # ==============================================================================================================
-# Issue 6 - distill.py: ScaLR pretraining (Supp. B.2, Eq. (1))
+# 5. Distillation, Eq. (1) (Sec. 3, Supp. B.2; distill.py): loss, pixel features, teachers, toy runs, and that a
+#    short toy distillation learns (5.4)
 # ==============================================================================================================
-
-_REALDATA = Path(__file__).resolve().parent.parent / "shared" / "realdata"
 
 
 def _distill_tiny_vit(arch, img_size, depth=2, embed_dim=96, num_heads=3, seed=0):
@@ -1687,7 +1830,7 @@ def test_pairs_floored_twice_on_real_nuscenes():
     H, W = proj['hw']
     uv = dict(zip(proj['idx'].tolist(), proj['uv']))
     u, v = np.array([uv[k][0] for k in s['kept']]), np.array([uv[k][1] for k in s['kept']])
-    # official.md Sec. 2.5: (row, col) = (floor(v), floor(u)) at 1600x900, then floor(row * 224 / 900)
+    # docs/official.md §2: (row, col) = (floor(v), floor(u)) at 1600x900, then floor(row * 224 / 900)
     assert np.array_equal(s['pairs'][:, 0], np.floor(np.floor(v) * 224 / H).astype(np.int64))
     assert np.array_equal(s['pairs'][:, 1], np.floor(np.floor(u) * 448 / W).astype(np.int64))
     assert s['image'].shape == (3, 224, 448) and s['feat'].shape == (5, len(s['kept']))
@@ -1792,13 +1935,9 @@ def test_supp_b2_multi_teacher_head_splits_and_normalises_each_part():
 
 
 @pytest.fixture(scope='module')
-def _distill_toy(tmp_path_factory):
-    """The toy world: the default cache data/toy when complete, else a tiny one (3 train scans) made here."""
-    if (data.TOY_DEFAULT_ROOT / 'DONE').is_file():
-        return data.TOY_DEFAULT_ROOT
-    root = tmp_path_factory.mktemp('distill_toy')
-    data.make_toy(root, scans=4, workers=1, progress=False)
-    return root
+def _distill_toy(toy4):
+    """The session's small toy world (3 train scans) in a tmp folder; never the repository's data/toy."""
+    return toy4
 
 
 def _distill_args(root, out, *extra):
@@ -1829,9 +1968,25 @@ def test_two_iteration_toy_run_writes_loadable_model_and_log(_distill_run2):
     assert ckpt['config']['teacher'] == 'dinov2_vitl14' and ckpt['config']['image_size'] == [56, 112]
     rows = _distill_log(out / 'log.csv')
     assert [int(r['iteration']) for r in rows] == [1, 2]
-    assert float(rows[0]['lr']) == 0.0  # official.md Sec. 6.1: the first step is taken with lr = 0
+    assert float(rows[0]['lr']) == 0.0  # ScaLR utils/scheduler.py: the first step is taken with lr = 0
+    # 3 train scans // batch 2 = 1 iteration per epoch; toy preset warmup 1 epoch = 1 iteration: the 2nd step is
+    # at the peak lr (cosine factor 1 at its start)
+    assert [int(r['epoch']) for r in rows] == [0, 1] and float(rows[1]['lr']) == pytest.approx(0.002)
     assert all(0.0 < float(r['loss']) < 2.0 for r in rows)  # distances between unit vectors lie in [0, 2]
-    assert (out / 'loss.png').stat().st_size > 0 and json.loads((out / 'config.json').read_text())['width'] == 8
+    # 'points' = the paired points of the batch: two of the 3 scans' samples of that epoch (the per-scan randomness
+    # is seeded by (seed, epoch, scan), whatever the batch order)
+    ds = data.get_dataset('toy', root=ckpt['config']['root'], split='train')
+    cfg = data.grid_config('toy', 'pretrain')
+    cfg.max_points = 1000  # --max-points 1000
+    dd = distill.DistillDataset(ds, cfg, (56, 112), seed=0)
+    for r in rows:
+        sizes = [len(dd[(j, int(r['epoch']))]['kept']) for j in range(len(ds))]
+        assert int(r['points']) in {a + b for ia, a in enumerate(sizes) for b in sizes[ia + 1:]}, (r, sizes)
+    assert (out / 'loss.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    assert json.loads((out / 'config.json').read_text())['width'] == 8
+    last = torch.load(out / 'ckpt_last.pth', weights_only=True)
+    assert last['iteration'] == 2 and all(torch.equal(v, last['model_point'][k]) for k, v in
+                                           ckpt['model_point'].items())  # model.pth = the final training state
 
 
 def test_resume_after_2_iterations_equals_4_straight_iterations(_distill_toy, tmp_path):
@@ -1899,9 +2054,16 @@ def test_scan_with_missing_images_is_skipped_and_counted(_distill_toy, tmp_path)
     sample = dd[(0, 0)]
     assert sample['skipped'] == [(ds.scan_id(0), 'missing image')]
     assert sample['scan_id'] == ds.scan_id(1)  # replaced by the next scan
-    batch = distill.distill_collate([sample, dd[(1, 0)]])
+    other = dd[(1, 0)]
+    batch = distill.distill_collate([sample, other])
     assert batch['skipped'] == [(ds.scan_id(0), 'missing image')]
     assert batch['images'].shape == (2, 3, 56, 112) and batch['pairs'].shape == (int(batch['num_points'].sum()), 3)
+    # scan-major: the first scan's pairs point into image 0, the second's into image 1, rows / columns kept
+    n0, n1 = len(sample['kept']), len(other['kept'])
+    assert batch['num_points'].tolist() == [n0, n1] and batch['scan_id'] == [sample['scan_id'], other['scan_id']]
+    assert torch.equal(batch['images'][0], sample['image']) and torch.equal(batch['images'][1], other['image'])
+    assert batch['pairs'][:, 0].tolist() == [0] * n0 + [1] * n1
+    np.testing.assert_array_equal(batch['pairs'][:, 1:].numpy(), np.concatenate([sample['pairs'], other['pairs']]))
 
 
 def test_timm_safetensors_teacher_weights_load(tmp_path):
@@ -1912,6 +2074,14 @@ def test_timm_safetensors_teacher_weights_load(tmp_path):
     distill.load_teacher_weights(dst, tmp_path / 'dino.safetensors', 'dino_vits8')
     assert torch.equal(dst.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
     assert dst.pos_embed.shape == (1, 1 + 28 * 56, 48)  # resampled to the 224 x 448 grid
+    for k, v in src.state_dict().items():  # every other tensor copied as is
+        if k != 'pos_embed':
+            assert torch.equal(v, dst.state_dict()[k]), k
+    # DINO's interpolate_pos_encoding: bicubic with the +0.1 offset, 28 x 28 -> 28 x 56; the CLS position kept
+    grid = src.pos_embed[:, 1:].reshape(1, 28, 28, 48).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, scale_factor=(28.1 / 28, 56.1 / 28), mode='bicubic', align_corners=False)
+    assert torch.allclose(dst.pos_embed[:, 1:], grid.permute(0, 2, 3, 1).reshape(1, 28 * 56, 48), atol=1e-6)
+    assert torch.equal(dst.pos_embed[:, :1], src.pos_embed[:, :1])
 
 
 def test_supp_b2_presets_epochs_batch_warmup():
@@ -1934,20 +2104,12 @@ def test_supp_b2_presets_epochs_batch_warmup():
 
 
 # ==============================================================================================================
-# Issue 7 - probe.py: linear probing (Supp. B.3) and Appendix C figures
+# 6. Linear probing (Supp. B.3; probe.py), the Appendix C figures, and that the probe head learns (6.3)
 # ==============================================================================================================
 
-_PROBE_REALDATA = Path(__file__).resolve().parent.parent / "shared" / "realdata"
-_PROBE_SCANS = 2  # tiny toy tree: 1 train and 1 val nuScenes scan (about 15 s to generate)
+_PROBE_REALDATA = _REALDATA
 
 
-def _probe_toy_root(tmp_path_factory):
-    """A tiny toy world (data.make_toy) shared by the tests of this file."""
-    if not hasattr(data, "make_toy"):
-        pytest.skip("data.make_toy (the [toy] section) is not available yet")
-    root = tmp_path_factory.mktemp("probe_toy")
-    data.make_toy(root, scans=_PROBE_SCANS)
-    return root
 
 
 def _probe_tiny_ckpt(path, width=16, depth=2, seed=123):
@@ -1970,11 +2132,10 @@ def _probe_args(root, ckpt, out, *extra):
 
 
 @pytest.fixture(scope="module")
-def _probe_smoke_run(tmp_path_factory):
-    """One tiny end-to-end probe run on the toy world (stopped after 2 of 3 epochs by --max-iters), shared by the
-    smoke / frozen-backbone / resume tests."""
-    torch.set_num_threads(1)
-    root = _probe_toy_root(tmp_path_factory)
+def _probe_smoke_run(_toy_tree, tmp_path_factory):
+    """One tiny end-to-end probe run on the 2-scan toy world of section 2 (1 train, 1 val nuScenes scan; stopped
+    after 2 of 3 epochs by --max-iters), shared by the smoke / frozen-backbone / resume tests."""
+    root = _toy_tree
     tmp = tmp_path_factory.mktemp("probe_run")
     ckpt = tmp / "distill" / "model.pth"
     ckpt.parent.mkdir()
@@ -1991,7 +2152,7 @@ def test_supp_b3_frozen_backbone_bit_identical(_probe_smoke_run):
     assert backbone and all(k in saved for k in backbone)
     for k in backbone:  # weights AND BatchNorm running statistics (eval mode: no drift)
         assert torch.equal(saved[k], before[k]), k
-    # the head did train: zero-initialised conv moved away from 0 (official §4.4)
+    # the head did train: its zero-initialised conv (ScaLR downstream head) moved away from 0
     head_w = [v for k, v in saved.items() if k.startswith("classif.") and v.ndim == 3]
     assert head_w and head_w[0].abs().sum() > 0
 
@@ -2005,8 +2166,22 @@ def test_supp_b3_smoke_run_writes_results(_probe_smoke_run):
     vals = [v for v in res["per_class"].values() if v is not None]
     assert vals and all(0 <= v <= 100 for v in vals)
     assert res["miou"] == pytest.approx(np.mean(vals), abs=1e-6)
-    for name in ("per_class_iou.png", "log.csv", "loss.png", "ckpt_last.pth"):
-        assert (out / name).stat().st_size > 0, name
+    # per-class IoU = TP / (TP + FP + FN) of the confusion matrix over all original labelled val points
+    cm = np.array(res["confusion_matrix"])
+    val = data.get_dataset("toy", root=_probe_smoke_run["root"], split="val")
+    assert cm.sum() == int((val.labels(0) != data.IGNORE).sum())
+    tp = np.diag(cm)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        hand = 100 * tp / (cm.sum(0) + cm.sum(1) - tp)
+    for name, v in zip(data.CLASS_NAMES["nuscenes"], hand):
+        if res["per_class"][name] is not None:
+            assert res["per_class"][name] == pytest.approx(v, abs=1e-6), name
+    rows = list(csv.DictReader(open(out / "log.csv")))
+    assert [int(r["iteration"]) for r in rows if r["loss"]] == [1, 2] and float(rows[0]["lr"]) == 0.0
+    assert all(math.isfinite(float(r["loss"])) for r in rows if r["loss"])
+    for name in ("per_class_iou.png", "loss.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert wi.load_training_checkpoint(out / "ckpt_last.pth")["iteration"] == 2
     # the head checkpoint reloads through the shared loader, with the K-class probe head
     model = wi.load_checkpoint(out / "model.pth")
     sd = model.state_dict()
@@ -2080,12 +2255,12 @@ def test_sec53_miou_hand_made_case(tmp_path):
     assert saved["miou"] == pytest.approx((75 + 200 / 3) / 2) == res["miou"]
     assert saved["ckpt"] == "ck.pth" and saved["data"] == "toy"
     assert (tmp_path / "per_class_iou.png").stat().st_size > 0
-    # a class with val points but never seen in training (issue 7): by default NaN and excluded from the mIoU ...
+    # a class with val points but never seen in training: by default NaN and excluded from the mIoU ...
     cm2 = np.array([[3, 0, 0], [0, 2, 0], [1, 0, 0]])
     # IoU_a = 3 / (3 + 4 - 3) = 75, IoU_b = 100, IoU_c = 0 / 1 = 0
     r = wi.summarise_confusion(cm2, ["a", "b", "c"], [5, 5, 0])
     assert r["per_class"]["c"] is None and r["miou"] == pytest.approx(87.5) and r["unseen_in_train"] == ["c"]
-    # ... probe.py --unseen-as-zero: the official metric (official.md §5.3) counts it with IoU 0
+    # ... probe.py --unseen-as-zero: the official metric (ScaLR utils/metrics.py) counts it with IoU 0
     official = wi.summarise_confusion(cm2, ["a", "b", "c"], [5, 5, 0], unseen_as_nan=False)
     assert official["miou"] == pytest.approx(175 / 3) and official["per_class"]["c"] == 0.0
     assert probe.parse_args([]).unseen_as_zero is False and probe.parse_args(["--unseen-as-zero"]).unseen_as_zero
@@ -2150,14 +2325,14 @@ def test_supp_b3_bad_inputs_say_what_to_do(tmp_path, _probe_smoke_run):
 def test_supp_b3_dataset_without_labels_is_refused(tmp_path):
     nus = _PROBE_REALDATA / "nuscenes"
     if not nus.is_dir():
-        pytest.skip(f"{nus} is absent (real nuScenes sample of ../shared/realdata)")
+        pytest.skip(f"real samples absent: {nus} (optional folder)")
     # the real v1.0-mini sample's train scan has no lidarseg file: nothing to probe with
     with pytest.raises(SystemExit, match="has no labels"):
         probe.main(["--data", "nuscenes", "--root", str(nus), "--random-init", "--out", str(tmp_path / "o")])
 
 
 # ==============================================================================================================
-# Issue 8 - finetune.py: finetuning with 1/10/100 % labels (Supp. B.4)
+# 7. Finetuning with 1 / 10 / 100 % of the labels (Supp. B.4; finetune.py)
 # ==============================================================================================================
 
 _FT_TINY = ["--scratch", "--width", "8", "--depth", "2", "--batch-size", "2", "--max-points", "2000",
@@ -2197,9 +2372,10 @@ def _finetune_main(argv):
         finetune.main(argv)
 
 
-def _finetune_run(tmp_path, name, extra):
+def _finetune_run(tmp_path, name, extra, root):
+    """A tiny finetune.py run on the toy world at `root` (a tmp folder: never the default data/toy)."""
     out = tmp_path / name
-    _finetune_main(["--data", "toy", *_FT_TINY, "--out", str(out), *extra])
+    _finetune_main(["--data", "toy", "--root", str(root), *_FT_TINY, "--out", str(out), *extra])
     return out
 
 
@@ -2209,7 +2385,7 @@ def test_supp_b4_recipe_epochs_warmup_layer_decay():
     assert finetune.paper_recipe("nuscenes", 0.1) == (45, 4, 0.95)
     assert finetune.paper_recipe("nuscenes", 1.0) == (25, 2, 0.99)
     assert finetune.paper_recipe("semantic_kitti", 1.0) == (25, 2, 0.99)
-    # official KITTI 100 % config (official §6.4): 10 epochs, 1 warmup epoch
+    # official KITTI 100 % config (ScaLR configs/downstream/semantic_kitti/WI_768_finetune_100p.yaml): 10 epochs, 1 warmup
     assert finetune.paper_recipe("semantic_kitti", 1.0, official_kitti_epochs=True) == (10, 1, 0.99)
     assert finetune.paper_recipe("nuscenes", 1.0, official_kitti_epochs=True) == (25, 2, 0.99)
 
@@ -2225,7 +2401,7 @@ def test_supp_b4_layer_decay_groups_embed_last_block_head():
             lr_of[n] = g["initial_lr"]
     named = dict(model.named_parameters())
     assert set(lr_of) == set(named)  # every parameter is trained (finetuning: the whole network)
-    # official §6.4: scale = decay^(L + 1 - id); embed id 0, block i id i + 1, head id L + 1
+    # docs/official.md §2: scale = decay^(L + 1 - id); embed id 0, block i id i + 1, head id L + 1
     for n in named:
         if n.startswith("embed."):
             want = lr * decay ** (depth + 1)
@@ -2239,7 +2415,7 @@ def test_supp_b4_layer_decay_groups_embed_last_block_head():
     assert math.isclose(lr_of["embed.final.weight"], lr * decay ** 4)  # embedding: decay^(L+1)
     # no weight decay anywhere (Supp. B.4: "AdamW without weight decay")
     assert all(g["weight_decay"] == 0.0 for g in opt.param_groups)
-    # official §6.1: first step at lr 0, peak after the warmup (4 epochs x 10 it), cosine to 0 at the end
+    # ScaLR utils/scheduler.py: first step at lr 0, peak after the warmup (4 epochs x 10 it), cosine to 0 at the end
     assert opt.param_groups[-1]["lr"] == 0.0
     for _ in range(40):
         opt.step()
@@ -2252,7 +2428,7 @@ def test_supp_b4_layer_decay_groups_embed_last_block_head():
 
 
 def test_supp_b4_drop_path_constant_across_blocks_and_official_head_swap(tmp_path):
-    # a pretrain-shaped checkpoint: linear distillation head Conv1d(F -> C) named classif (official §7)
+    # a pretrain-shaped checkpoint: linear distillation head Conv1d(F -> C) named classif (ScaLR distill.py)
     torch.manual_seed(123)  # not finetune's --seed 0: a scratch init must differ from these weights
     distilled = wi.WaffleIron(input_channels=5, feat_channels=16, depth=4, nb_class=32, head="linear")
     path = wi.save_checkpoint(tmp_path / "model.pth", model_point=wi.official_state_dict(distilled), config={})
@@ -2260,8 +2436,8 @@ def test_supp_b4_drop_path_constant_across_blocks_and_official_head_swap(tmp_pat
         args = finetune.parse_args(["--data", "toy", "--ckpt", str(path), *extra])
         model, ckpt, _ = finetune.build_model(args, data.grid_config("toy", "finetune"), 16)
         mixes = [m for pair in zip(model.waffleiron.spatial_mix, model.waffleiron.channel_mix) for m in pair]
-        assert [m.drop_path.p for m in mixes] == [0.2] * 8  # Supp. B.4 0.2 in all 2L branches, no ramp (§4.2)
-        assert finetune.segmentation_classes(model.classif) == 16  # official §4.4 BN + Conv1d(F -> K)
+        assert [m.drop_path.p for m in mixes] == [0.2] * 8  # Supp. B.4 0.2 in all 2L branches, no ramp
+        assert finetune.segmentation_classes(model.classif) == 16  # BN + Conv1d(F -> K), ScaLR downstream head
         assert torch.count_nonzero(model.classif[1].weight) == 0 and torch.count_nonzero(model.classif[1].bias) == 0
         name = "waffleiron.channel_mix.3.mlp.0.weight"
         same = torch.equal(model.state_dict()[name], distilled.state_dict()[name])
@@ -2284,14 +2460,19 @@ def test_finetune_fraction_outside_unit_interval_is_refused():
         finetune.parse_args(["--fraction", "0"])
 
 
-def test_finetune_fraction_too_small_says_how_many_scans_it_takes(tmp_path):
-    ds = data.get_dataset("toy", split="train")
+def test_finetune_fraction_too_small_says_how_many_scans_it_takes(toy4, tmp_path):
+    ds = data.get_dataset("toy", root=toy4, split="train")
     n = len(ds)
-    with pytest.raises(SystemExit, match=rf"needs at least 1000 train scans; with {n} scans"):
+    assert n == 3
+    with pytest.raises(SystemExit, match=rf"needs at least 1000 train scans; with {n} scans use --fraction >= 0.333"):
         finetune.training_subset(ds, 0.001, out_dir=tmp_path)
-    keep = finetune.training_subset(ds, 0.25, out_dir=tmp_path)
-    assert 0 < len(keep) <= math.ceil(n * 0.25) and keep == sorted(keep)
-    assert len(list(tmp_path.glob("subset_*.txt"))) == 1  # the subset list is written to --out
+    with pytest.raises(SystemExit, match="needs at least 4 train scans"):  # 3 x 0.25 = 0.75 scan
+        finetune.training_subset(ds, 0.25, out_dir=tmp_path)
+    keep = finetune.training_subset(ds, 0.5, out_dir=tmp_path)
+    assert 0 < len(keep) <= math.ceil(n * 0.5) and keep == sorted(keep) and set(keep) <= set(range(n))
+    lists = list(tmp_path.glob("subset_*.txt"))  # the subset list is written to --out, one scan id a line
+    assert len(lists) == 1 and lists[0].read_text().split() == [ds.scan_id(i) for i in keep]
+    assert finetune.training_subset(ds, None, subset_file=lists[0]) == keep  # and reads back as the same subset
 
 
 def test_finetune_checkpoint_of_other_class_count_warns_and_reinitialises_head(tmp_path):
@@ -2303,7 +2484,7 @@ def test_finetune_checkpoint_of_other_class_count_warns_and_reinitialises_head(t
     with pytest.warns(finetune.HeadReinitialisedWarning, match="19 classes but the dataset has 16"):
         model, ckpt, _ = finetune.build_model(args, data.grid_config("toy", "finetune"), 16)
     assert ckpt == str(path) and finetune.segmentation_classes(model.classif) == 16
-    assert torch.count_nonzero(model.classif[1].weight) == 0  # official §4.4: zero-init conv
+    assert torch.count_nonzero(model.classif[1].weight) == 0  # the downstream head's conv starts at 0
     assert torch.equal(model.embed.final.weight, kitti.embed.final.weight)  # the backbone is reused
 
 
@@ -2320,35 +2501,46 @@ def test_finetune_checkpoint_of_same_class_count_keeps_head_and_missing_checkpoi
         finetune.build_model(args, data.grid_config("toy", "finetune"), 16)
 
 
-def test_finetune_toy_smoke_writes_results_and_eval_only_agrees(tmp_path, capsys):
-    out = _finetune_run(tmp_path, "smoke", ["--max-iters", "2"])
+def test_finetune_toy_smoke_writes_results_and_eval_only_agrees(toy4, tmp_path, capsys):
+    out = _finetune_run(tmp_path, "smoke", ["--max-iters", "2"], toy4)
     res = json.loads((out / "results.json").read_text())
     assert {"miou", "per_class", "ckpt", "data", "fraction"} <= set(res)
     assert res["data"] == "toy" and res["fraction"] == 1.0 and res["ckpt"] is None
     assert list(res["per_class"]) == data.CLASS_NAMES["nuscenes"]
     assert 0.0 <= res["miou"] <= 100.0
+    # the numbers follow from the confusion matrix over ALL original labelled points of the val scan
+    cm = np.array(res["confusion_matrix"])
+    val = data.get_dataset("toy", root=toy4, split="val")
+    assert cm.shape == (16, 16) and cm.sum() == int((val.labels(0) != data.IGNORE).sum())
+    iou = 100 * data.per_class_iou(cm)
+    for name, v in zip(data.CLASS_NAMES["nuscenes"], iou):
+        if res["per_class"][name] is not None:
+            assert res["per_class"][name] == pytest.approx(v, abs=1e-6), name
+    assert res["miou"] == pytest.approx(np.nanmean([v for v in res["per_class"].values() if v is not None]))
     printed = capsys.readouterr().out.strip().splitlines()
     assert printed[-1] == f"mIoU: {res['miou']:.1f}"
-    rows = (out / "log.csv").read_text().strip().splitlines()
-    assert len(rows) == 1 + 2
-    for name in ("model.pth", "ckpt_last.pth", "loss.png", "per_class_iou.png"):
-        assert (out / name).is_file(), name
+    rows = list(csv.DictReader(open(out / "log.csv")))
+    assert len(rows) == 2 and float(rows[0]["lr"]) == 0.0  # the first step at lr 0 (ScaLR utils/scheduler.py)
+    for name in ("loss.png", "per_class_iou.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert wi.load_training_checkpoint(out / "ckpt_last.pth")["iteration"] == 2
     model = wi.load_checkpoint(out / "model.pth")
     assert finetune.segmentation_classes(model.classif) == 16
-    # a released-style finetuned file (official §7: ckpt_last.pth with DDP-prefixed 'net', no 'config')
+    # a released-style finetuned file (ScaLR utils/finetuner.py: ckpt_last.pth with DDP-prefixed 'net', no 'config')
     net = torch.load(out / "model.pth", weights_only=True)["net"]
     released = tmp_path / "ckpt_last.pth"
     torch.save({"epoch": 25, "net": {"module." + k: v for k, v in net.items()}}, released)
-    _finetune_main(["--data", "toy", "--eval-only", "--ckpt", str(released), "--val-scans", "1",
+    _finetune_main(["--data", "toy", "--root", str(toy4), "--eval-only", "--ckpt", str(released), "--val-scans", "1",
                     "--out", str(tmp_path / "ev")])
     again = json.loads((tmp_path / "ev" / "results.json").read_text())
     assert again["confusion_matrix"] == res["confusion_matrix"]
 
 
-def test_finetune_resume_after_interruption_is_bit_exact(tmp_path):
-    straight = _finetune_run(tmp_path, "straight", ["--max-iters", "4"])
-    split = _finetune_run(tmp_path, "split", ["--max-iters", "2"])  # "interrupted" after 2 iterations
-    _finetune_main(["--data", "toy", *_FT_TINY, "--out", str(split), "--max-iters", "4", "--resume"])
+def test_finetune_resume_after_interruption_is_bit_exact(toy4, tmp_path):
+    straight = _finetune_run(tmp_path, "straight", ["--max-iters", "4"], toy4)
+    split = _finetune_run(tmp_path, "split", ["--max-iters", "2"], toy4)  # "interrupted" after 2 iterations
+    _finetune_main(["--data", "toy", "--root", str(toy4), *_FT_TINY, "--out", str(split), "--max-iters", "4",
+                    "--resume"])
     a = torch.load(straight / "model.pth", weights_only=True)["net"]
     b = torch.load(split / "model.pth", weights_only=True)["net"]
     assert a.keys() == b.keys()
@@ -2358,10 +2550,11 @@ def test_finetune_resume_after_interruption_is_bit_exact(tmp_path):
 
 
 # ==============================================================================================================
-# Issue 9 - eval_robust.py: nuScenes-C corruptions, mCE / mRR (Appendix A, Tab. 9)
+# 8. Robustness (Appendix A, Tab. 9; eval_robust.py): the 8 nuScenes-C corruptions of Robo3D (Kong et al., ICCV
+#    2023; github.com/ldkong1205/Robo3D create/nuscenes_c/*), mCE / mRR
 # ==============================================================================================================
 
-_ROBUST_REALDATA = Path(__file__).resolve().parent.parent / "shared" / "realdata"
+_ROBUST_REALDATA = _REALDATA
 
 
 @pytest.fixture(autouse=True)
@@ -2462,7 +2655,7 @@ def test_robo3d_motion_blur_jitter_grows_with_severity():
         move = (p[:, :3] - points[:, :3]).astype(np.float64)
         jitter = move - np.median(move, axis=0)  # remove the global translation
         std = jitter.std(axis=0)
-        # horizontal (travel-plane) jitter 0.1 sigma, vertical 0.05 sigma (robo3d.md §1.4)
+        # horizontal (travel-plane) jitter 0.1 sigma, vertical 0.05 sigma (Robo3D create/*/motion_blur)
         assert np.allclose(std[:2], 0.1 * sigma, rtol=0.1) and np.isclose(std[2], 0.05 * sigma, rtol=0.1)
         stds.append(std[0])
     assert stds[0] < stds[1] < stds[2]
@@ -2578,9 +2771,9 @@ def test_robo3d_corruption_that_removes_every_point_is_not_a_crash():
 def test_table9_mce_mrr_reproduced_from_published_columns():
     for name, mce_pub, mce, mrr_pub, mrr in er.table9_rows():
         assert abs(mrr - mrr_pub) <= 0.1, name
-        # PPKT: published 105.6 vs 105.90 from its own columns (robo3d.md §3.4, a source rounding/typo issue)
+        # PPKT: published 105.6 vs 105.90 from its own columns (a rounding / transcription slip in the source)
         assert abs(mce - mce_pub) <= (0.35 if name == "PPKT" else 0.1), name
-    assert round(er.table9_rows()[4][2], 1) == 90.9  # WI-768 worked example (robo3d.md §3.3)
+    assert round(er.table9_rows()[4][2], 1) == 90.9  # WI-768 without pretraining, Tab. 9
 
 
 def test_robo3d_published_rows_both_baselines():
@@ -2588,7 +2781,7 @@ def test_robo3d_published_rows_both_baselines():
     assert np.isclose(er.robustness_scores(base_ns)[0], 100.0)  # the baseline has mCE 100
     assert abs(er.robustness_scores(base_ns)[1] - 74.44) < 0.05
     waffle_kitti = dict(clean=66.04, fog=45.52, wet_ground=58.55, snow=49.30, motion_blur=33.02, beam_missing=59.28,
-                        crosstalk=22.48, incomplete_echo=58.55, cross_sensor=54.62)  # robo3d.md §4.3
+                        crosstalk=22.48, incomplete_echo=58.55, cross_sensor=54.62)  # Robo3D README, SemanticKITTI-C
     mce, mrr, _, _ = er.robustness_scores(waffle_kitti, "semantic_kitti")
     assert abs(mce - 109.54) < 0.05 and abs(mrr - 72.18) < 0.05
 
@@ -2706,6 +2899,18 @@ def test_robo3d_run_evaluation_tiny_model_table_json_and_emptied_scans(tmp_path)
         torch.set_num_threads(threads)
     assert set(er.CORRUPTIONS) <= set(res) and all(len(res["per_severity"][c]) == 3 for c in er.CORRUPTIONS)
     assert 0 < res["clean"] <= 100 and np.isfinite([res[c] for c in er.CORRUPTIONS]).all()
+    # clean by hand: each scan through prepare_scan (eval) and the model, argmax, copied to all original points by
+    # the 1-NN index, one confusion matrix over both scans, mIoU = nanmean of the per-class IoUs
+    cm = np.zeros((16, 16), np.int64)
+    with torch.no_grad():
+        for lidar, lab in files:
+            pts = np.fromfile(lidar, np.float32).reshape(-1, 5)[:, :4]
+            gt = data.NUSCENES_LUT[np.fromfile(lab, np.uint8)]
+            sample = data.prepare_scan(pts, "nuscenes", cfg, train=False, labels=gt[:len(pts)])
+            b = data.collate([sample])
+            logits = model(b["feat"], b["cells"], b["neighbors"], b["occupied"])[0]  # (16, M)
+            cm += data.confusion_matrix(gt, logits.argmax(0).numpy()[sample["upsample"]], 16)
+    assert res["clean"] == pytest.approx(100 * np.nanmean(data.per_class_iou(cm)), abs=1e-6)
     assert np.isclose(res["fog"], np.mean(list(res["per_severity"]["fog"].values())))
     mce, mrr, _, _ = er.robustness_scores(res)
     assert np.isclose(res["mCE"], mce) and np.isclose(res["mRR"], mrr)
@@ -2747,10 +2952,8 @@ def test_robo3d_wet_ground_on_real_nuscenes_scan_is_monotone_and_mild_at_light()
 
 
 # ==============================================================================================================
-# Issue 10 - the course: layout, README commands and exercises
+# 9. The course: layout, README commands and exercises (each exercise command run once on a tiny toy world)
 # ==============================================================================================================
-
-ROOT = Path(__file__).resolve().parent
 
 # (title, command) exactly as in README; `runs/distill/model.pth` is the main job's distilled checkpoint
 # (`python distill.py`), which exercise h and the comparisons start from.
@@ -2776,7 +2979,6 @@ EXERCISES = [
      "python finetune.py --ckpt runs/distill/model.pth --fraction 0.1 --out runs/ex_ft10 && "
      "python finetune.py --scratch --ckpt runs/distill/model.pth --fraction 0.1 --out runs/ex_ft10_scratch"),
 ]
-_COURSE_SCANS = 4  # tiny toy tree: 3 train + 1 val nuScenes scans
 
 
 def _course_budget(script, root):
@@ -2816,12 +3018,12 @@ def _course_config(path):
 
 
 @pytest.fixture(scope="module")
-def _course_world(tmp_path_factory):
-    """One tiny toy tree; every exercise run once (two at a time: most of a run is Python/torch start-up), after
-    the main job's distilled checkpoint runs/distill/model.pth that exercise h and b compare with."""
+def _course_world(toy4, tmp_path_factory):
+    """The session's small toy tree; every exercise run once (two at a time: most of a run is Python/torch
+    start-up), after the main job's distilled checkpoint runs/distill/model.pth that exercise h and b compare with.
+    runs/ is a tmp folder (the commands' runs/... paths are redirected there)."""
     tmp = tmp_path_factory.mktemp("course")
-    root = tmp / "toy"
-    data.make_toy(root, scans=_COURSE_SCANS, seed=0, progress=False)
+    root = toy4
     runs = tmp / "runs"
     jobs = {"h": "python distill.py --out runs/distill && " + _course_exercise("h")}  # the main job, then h
     jobs.update({title[0]: cmd for title, cmd in EXERCISES if title[0] != "h"})
@@ -2963,6 +3165,19 @@ def test_course_h_finetune_few_labels_pretrained_vs_scratch(_course_world):
     assert ft["ckpt"] == str(_course_world["runs"] / "distill" / "model.pth")
     grid = [json.loads((_course_world["runs"] / d / "config.json").read_text()) for d in ("ex_ft10", "ex_ft10_scratch")]
     assert [(g["k"], g["cell"]) for g in grid] == [(16, 1.0)] * 2  # both on the distilled model's grid
+    # the pretrained run starts from the distilled backbone (2 warmup steps, the first at lr 0, barely move it);
+    # the scratch run has the same architecture but fresh weights
+    distilled = torch.load(_course_world["runs"] / "distill" / "model.pth", weights_only=True)["model_point"]
+    nets = [torch.load(_course_world["runs"] / d / "model.pth", weights_only=True)["net"]
+            for d in ("ex_ft10", "ex_ft10_scratch")]
+    trunk = [k for k in distilled if not k.startswith("classif.") and distilled[k].is_floating_point()
+             and distilled[k].ndim >= 2]
+    assert trunk and all(nets[0][k].shape == nets[1][k].shape == distilled[k].shape for k in trunk)
+    assert all(torch.allclose(nets[0][k], distilled[k], atol=0.02) for k in trunk)
+    assert sum(not torch.allclose(nets[1][k], distilled[k], atol=0.02) for k in trunk) > len(trunk) // 2
+    val = data.get_dataset("toy", root=_course_world["root"], split="val")
+    labelled = int((val.labels(0) != data.IGNORE).sum())
+    assert all(np.array(r["confusion_matrix"]).sum() == labelled for r in (ft, sc))  # all original val points
 
 
 def test_readme_lines_1_and_2_and_exercises_are_the_tested_commands():
@@ -2978,11 +3193,12 @@ def test_readme_lines_1_and_2_and_exercises_are_the_tested_commands():
         assert command in text, f"README misses exercise {title!r}: {command}"
 
 # ==============================================================================================================
-# eval_robust.py fidelity: the official snow waveform, fog, wet ground, unverified parameters; its bad inputs
+# 10. Robustness (cont.): the snow waveform, fog and wet ground of Robo3D's generators (LiDAR_snow_sim,
+#     create/nuscenes_c/{snow,fog,wet_ground}), parameters marked unverified; eval_robust.py bad input
 # ==============================================================================================================
 
-HERE = Path(__file__).resolve().parent
-REALDATA = HERE.parent / "shared" / "realdata"
+HERE = ROOT
+REALDATA = _REALDATA
 C_TAU = er.LIGHT_SPEED * 1e-8  # c tau_h = 2.998 m
 
 
@@ -3184,7 +3400,7 @@ def test_fog_intensity_is_not_capped_at_255():
     assert l[0] == 41 and hand > 255 and np.isclose(p[0, 3], hand, rtol=1e-5)
 
 
-def test_wet_ground_noise_floor_bin_is_the_first_least_populated_one():
+def test_wet_ground_noise_floor_bin_is_the_first_least_populated_one(tmp_path):
     # one distance bin set (many distances) whose lowest occupied intensity bin holds 2 points, a higher one 1
     d = np.repeat(np.linspace(11, 69, 50), 4)
     inten = np.tile([8.0, 8.0, 30.0, 95.0], 50)  # I/cos with cos = 1: bins at 8 (x2), 30 (x1), 95 (x1)
@@ -3193,7 +3409,7 @@ def test_wet_ground_noise_floor_bin_is_the_first_least_populated_one():
     hand = edges[np.searchsorted(edges, 30.0, "right") - 1]  # the first bin with the minimum count (1): 30
     assert np.isclose(ns, 0.0, atol=1e-9) and np.isclose(ni, hand)
     with pytest.raises(SystemExit):
-        er.main(["generate", "--out", "x", "--noise-floor-bin", "least_populated"])  # the flag is gone
+        er.main(["generate", "--out", str(tmp_path / "x"), "--noise-floor-bin", "least_populated"])  # flag gone
 
 
 # ---------------------------------------------------------------------------------------------- honesty marks
@@ -3366,7 +3582,8 @@ def test_cli_kitti_root_given_as_nuscenes_is_one_line(tmp_path):
     assert "nuscenes" in line.lower() or "semantic_kitti" in line
 
 # ==============================================================================================================
-# distill.py: teachers beyond the paper (DINOv3, DINOv2 with registers, timm:), --loss-mean, --antialias, bad inputs
+# 11. Distillation (cont.): teachers beyond the paper (DINOv3, DINOv2 with registers, timm:), the Eq. (1) mean over
+#     scans or points, --antialias, bad input (distill.py)
 # ==============================================================================================================
 
 
@@ -3386,9 +3603,9 @@ def _randomise(vit, scale=0.3, seed=1):
     return vit
 
 
-# ==============================================================================================================
-# Teachers: feature taken, RoPE, pixel lookup for patch 16
-# ==============================================================================================================
+# --------------------------------------------------------------------------------------------------------------
+# 11.1 Teachers: feature taken, RoPE, pixel lookup for patch 16
+# --------------------------------------------------------------------------------------------------------------
 
 def _hand_rope(h, w, d_head, base=100.0):
     """DINOv3 RoPE sin/cos (h*w, d_head) by hand: coordinates (i + 0.5) / n mapped to [-1, 1] per axis, periods
@@ -3486,15 +3703,23 @@ def test_multi_teacher_mix_dinov3_dinov2_reg_head_is_sum_of_dims():
     t3 = distill.build_teacher('dino_vits8', (112, 224), tiny=True, verbose=False)
     assert [t.patch for t in (t1, t2, t3)] == [16, 14, 8]
     pairs = torch.tensor([[0, 0, 0], [0, 111, 223], [1, 50, 100]])
-    target = distill.teacher_targets([t1, t2, t3], torch.rand(2, 3, 112, 224), pairs)
+    images = torch.rand(2, 3, 112, 224)
+    target = distill.teacher_targets([t1, t2, t3], images, pairs)
     assert target.shape == (3, 96 * 3)
-    for part in target.split(96, dim=1):
+    for part, t in zip(target.split(96, dim=1), (t1, t2, t3)):
         assert torch.allclose(part.norm(dim=1), torch.ones(3), atol=1e-5)
+        # each part: that teacher's patch map upsampled x patch (bilinear, align_corners=True), read at the pixel,
+        # l2-normalised (Supp. B.2), whatever the other teachers' patch sizes
+        with torch.no_grad():
+            dense = F.interpolate(t(images), scale_factor=t.patch, mode='bilinear', align_corners=True)
+        assert dense.shape[-2:] == (112, 224)
+        want = F.normalize(dense[pairs[:, 0], :, pairs[:, 1], pairs[:, 2]], dim=1)
+        assert torch.allclose(part, want, atol=1e-5)
 
 
-# ==============================================================================================================
-# Meta-format files load strictly (DINOv3, DINOv2 with registers)
-# ==============================================================================================================
+# --------------------------------------------------------------------------------------------------------------
+# 11.2 Meta-format files load strictly (DINOv3, DINOv2 with registers)
+# --------------------------------------------------------------------------------------------------------------
 
 # A few of the real key names of Meta's files, written by hand from Meta's module names (dinov3
 # models/vision_transformer.py, layers/attention.py, layers/rope_position_encoding.py; dinov2
@@ -3640,9 +3865,9 @@ def test_toy_run_with_full_dinov3_reg_and_timm_teachers(_distill_toy, _offline, 
     assert 0.0 < float(_distill_log(out / 'log.csv')[0]['loss']) < 2.0
 
 
-# ==============================================================================================================
-# Loss mean over scans or points (1 vs 2 gloo processes); resize antialias
-# ==============================================================================================================
+# --------------------------------------------------------------------------------------------------------------
+# 11.3 Eq. (1) averaged over scans or points (1 vs 2 gloo processes); resize antialias
+# --------------------------------------------------------------------------------------------------------------
 
 def test_loss_mean_scan_and_points_hand_computation():
     d = torch.tensor([1.0, 1.0, 1.0, 0.2, 0.4])  # scan 0: 3 points, scan 1: 2 points
@@ -3724,9 +3949,9 @@ def test_antialias_on_off_equal_torchvision_resize_of_each_version():
     assert distill.parse_args([]).antialias == 'off' and distill.parse_args(['--antialias', 'on']).antialias == 'on'
 
 
-# ==============================================================================================================
-# Bad inputs: flags, run folders, resume, device, teachers on real data, corrupt images, late failures
-# ==============================================================================================================
+# --------------------------------------------------------------------------------------------------------------
+# 11.4 Bad input: flags, run folders, resume, device, teachers on real data, corrupt images, late failures
+# --------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize('flags', [['--batch-size', '0'], ['--epochs', '-1'], ['--max-iters', '-1'],
                                    ['--log-every', '0'], ['--workers', '-1'], ['--image-size', '224'],
@@ -3768,7 +3993,7 @@ def test_device_cuda_without_gpu_refused_before_data(tmp_path):
         distill.main(['--data', 'nuscenes', '--root', str(tmp_path / 'absent'), '--out', str(tmp_path / 'o'),
                       '--device', 'cuda'])
     with pytest.raises(data.UserError, match='unknown device'):
-        distill.main(['--out', str(tmp_path / 'o'), '--device', 'tpu9'])
+        distill.main(['--root', str(tmp_path / 'toy'), '--out', str(tmp_path / 'o'), '--device', 'tpu9'])
 
 
 def test_real_data_without_teacher_weights_refused_unless_random_teacher(_offline, tmp_path):
@@ -3846,7 +4071,8 @@ def test_bad_input_ends_in_one_error_line_without_traceback(tmp_path):
     assert 'dinov3_vitl16.pth' in lines[0] and 'Traceback' not in res.stderr
 
 # ==============================================================================================================
-# data.py: preprocessing on the training device (torch voxelisation, crop, cells, kNN equal to the CPU path), kNN cache, toy speed
+# 12. Speed paths (data.py): preprocessing on the training device (torch voxelisation, crop, cells, kNN) equals the
+#     CPU path of ScaLR datasets/pc_dataset.py; the kNN cache
 # ==============================================================================================================
 
 def _scan(n, seed, extent=70.0):
@@ -4028,11 +4254,13 @@ def test_raw_scan_dataset_device_batch_equals_segmentation_dataset_batch(train):
                                      want["neighbors"][b, :, :m].numpy()) == 0
 
 # ==============================================================================================================
-# data.py bad inputs: non-finite points, truncated and corrupt files, dangling tokens, paths leaving the root, lists without pickle
+# 13. Bad input (data.py): non-finite points, truncated and corrupt files, dangling tokens, paths leaving the root,
+#     lists without pickle; each ends in one error naming the file
 # ==============================================================================================================
 
-_H_REALDATA = ROOT.parent / "shared" / "realdata"
-_h_needs_realdata = pytest.mark.skipif(not _H_REALDATA.is_dir(), reason=f"real samples absent: {_H_REALDATA}")
+_H_REALDATA = _REALDATA
+_h_needs_realdata = pytest.mark.skipif(not _H_REALDATA.is_dir(),
+                                       reason=f"real samples absent: {_H_REALDATA} (optional folder)")
 _H_NUS_A = "ca9a282c9e77460f8360f564131a8af5"  # 34,688 points + 6 cameras, no labels
 _H_NUS_B = "6eb8a3ff0abf4f3a9380a48f2a0b87ef"  # 40 points + lidarseg, no camera
 _H_NUS_B_SD = "5f6c1e0a0c3b444b97e78d2aa3fa34d2"  # sample B's LIDAR_TOP sample_data (= ego_pose = lidarseg token)
@@ -4245,7 +4473,7 @@ def test_pandaset_both_lidars_of_one_frame_warn_their_own_count(tmp_path, capsys
         data.get_dataset(sensor, root, split="train").points(0)
     warned = _h_warnings(capsys)
     assert any(f"2 of {len(rows64)} points" in w for w in warned), warned
-    assert any(f"1 of {len(rowsgt)} points" in w for w in warned), warned  # fails today
+    assert any(f"1 of {len(rowsgt)} points" in w for w in warned), warned
 
 
 def test_voxelize_and_prepare_scan_refuse_nonfinite_input():
@@ -4505,7 +4733,7 @@ def test_pandaset_restricted_unpickler_reads_real_frames_and_refuses_code(tmp_pa
     lidar, semseg = pandaset_frame  # read through data._read_pandaset_pickle (the restricted unpickler)
     assert lidar.shape == (166768, 6) and list(lidar.columns) == ["x", "y", "z", "i", "t", "d"]
     assert (lidar["d"] == 0).sum() == 106169 and str(lidar["d"].dtype) == "int64"
-    assert list(semseg.columns) == ["class"] and (semseg["class"] == 7).sum() == 34211  # realdata README
+    assert list(semseg.columns) == ["class"] and (semseg["class"] == 7).sum() == 34211  # ../shared/realdata/README.md
     control = tmp_path / "control_marker"
     pickle.loads(pickle.dumps(_RunsCode(control)))  # the payload is live: plain pickle runs it
     assert control.exists()
@@ -4600,7 +4828,7 @@ def test_nuscenes_npz_split_list_with_an_empty_split_says_so(tmp_path):
     lidar_b = "samples/LIDAR_TOP/n015-2018-08-02-17-16-37+0800__LIDAR_TOP__1533201470948018.pcd.bin"
     np.savez(tmp_path / "list_files_nuscenes.npz", train=np.array([[lidar_b, "x", _H_NUS_B_SD]]),
              val=np.zeros((0, 3), str))
-    with pytest.raises(data.DataFileError, match="split 'val' contains no scan"):  # today: "not a UTF-8 text file"
+    with pytest.raises(data.DataFileError, match="split 'val' contains no scan"):  # not "not a UTF-8 text file"
         data.get_dataset("nuscenes", _H_REALDATA / "nuscenes", "val",
                          split_file=tmp_path / "list_files_nuscenes.npz")
 
@@ -4721,7 +4949,8 @@ def test_distill_preprocess_on_device_equals_cpu_path(_distill_toy, tmp_path):
     assert all(torch.allclose(v, runs['device'][1][k], atol=1e-5) for k, v in runs['cpu'][1].items())
 
 # ==============================================================================================================
-# probe.py / finetune.py: the toy probe in full-batch steps, the toy architecture by default, bad inputs, unscorable scans, the real label fraction
+# 14. Probing / finetuning (cont.; probe.py, finetune.py): the toy probe in full-batch steps, the toy architecture by
+#     default, bad input, unscorable scans, the real label fraction
 # ==============================================================================================================
 
 K = 16  # toy (nuScenes) classes
@@ -4731,12 +4960,10 @@ K = 16  # toy (nuScenes) classes
 # Shared tiny world and helpers
 # ----------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A tiny toy world (3 train + 1 val nuScenes scans) and a distill.py-style WI-2-16 checkpoint."""
-    torch.set_num_threads(1)
+def tiny(toy4, tmp_path_factory):
+    """The session's small toy world (3 train + 1 val nuScenes scans) and a distill.py-style WI-2-16 checkpoint."""
     tmp = tmp_path_factory.mktemp("h_stages")
-    root = tmp / "toy"
-    data.make_toy(root, scans=4, seed=0, progress=False)
+    root = toy4
     torch.manual_seed(0)
     model = wi.WaffleIron(input_channels=5, feat_channels=16, depth=2, nb_class=8, grids=data.GridConfig().grids)
     ckpt = tmp / "distill" / "model.pth"
@@ -5063,7 +5290,11 @@ def test_finetune_saves_model_before_eval_and_skips_unscorable_val_scans(tiny, t
     out2 = tmp_path / "ft2"
     with pytest.raises(RuntimeError, match="late"):
         _ft_main(tmp_path, _ft_argv(tiny, out2, "--max-iters", "1"))
-    assert (out2 / "model.pth").is_file() and (out2 / "ckpt_last.pth").is_file()
+    saved = torch.load(out2 / "model.pth", weights_only=True)["net"]  # the trained model, complete and loadable
+    assert finetune.segmentation_classes(wi.load_checkpoint(out2 / "model.pth").classif) == K
+    last = wi.load_training_checkpoint(out2 / "ckpt_last.pth")
+    assert last["iteration"] == 1 and all(torch.equal(v, last["net"][k]) for k, v in saved.items())
+    assert not (out2 / "results.json").exists()  # the evaluation never finished
 
 
 def test_scored_batches_count_and_drop_unscorable_scans():
@@ -5125,19 +5356,18 @@ def test_command_line_bad_inputs_end_in_one_error_line(tiny, tmp_path):
     line = _one_error_line(_run_script(["probe.py", "--root", str(tiny["root"]), "--ckpt", str(text),
                                         "--out", str(tmp_path / "p")]))
     assert "model.pth" in line
-    line = _one_error_line(_run_script(["finetune.py", "--subset-file", str(tmp_path / "nope.npy"),
-                                        "--out", str(tmp_path / "f")]))
+    line = _one_error_line(_run_script(["finetune.py", "--root", str(tiny["root"]), "--subset-file",
+                                        str(tmp_path / "nope.npy"), "--out", str(tmp_path / "f")]))
     assert "nope.npy not found" in line
     if not torch.cuda.is_available():
-        line = _one_error_line(_run_script(["probe.py", "--device", "cuda", "--random-init",
-                                            "--out", str(tmp_path / "d")]))
+        line = _one_error_line(_run_script(["probe.py", "--root", str(tiny["root"]), "--device", "cuda",
+                                            "--random-init", "--out", str(tmp_path / "d")]))
         assert "--device" in line and "no GPU" in line
 
 # ==============================================================================================================
-# waffleiron.py: sparse spatial mixing, folded embedding, the official-code speed comparison; bad checkpoints and full disks
+# 15. Speed paths (waffleiron.py): sparse spatial mixing and the folded embedding equal the official layout; bad
+#     checkpoints and full disks end in one error naming the file
 # ==============================================================================================================
-
-torch.set_num_threads(1)
 
 
 def _sparse_batch(batch=2, points=120, k=4, grids=((24, 24), (24, 6), (24, 6)), seed=0):

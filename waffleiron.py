@@ -1631,9 +1631,11 @@ def latest_distill_checkpoint(runs='runs'):
 
 
 def resolve_backbone_checkpoint(ckpt, baseline_flag, baseline=False):
-    """`ckpt` (--ckpt), else the newest distill.py output; SystemExit saying what to do when it is missing (None is
-    allowed only for the no-pretraining baseline, `baseline_flag` = '--random-init' / '--scratch')."""
-    ckpt = ckpt or latest_distill_checkpoint()
+    """`ckpt` (--ckpt), else (pretrained runs only) the newest distill.py output under ./runs; SystemExit saying what
+    to do when it is missing. The no-pretraining baseline (`baseline`, flag '--random-init' / '--scratch') never
+    looks one up: without --ckpt it is built from --width / --depth (None returned), whatever ./runs holds."""
+    if ckpt is None and not baseline:
+        ckpt = latest_distill_checkpoint()
     if ckpt is not None and not Path(ckpt).is_file():
         raise SystemExit(f"Checkpoint not found: {ckpt}. Run `python distill.py` first, pass --ckpt PATH, or use "
                          f"{baseline_flag} for the no-pretraining baseline.")
