@@ -374,19 +374,13 @@ def read_weights_file(path, name):
 def load_state_dict_strict(vit, sd, extra, missing_meta, where, name):
     """load_state_dict(strict=True) plus the extra buffers, after naming every missing / unexpected / misshaped
     key in ONE line (data.UserError)."""
-    ref = vit.state_dict()
-    missing = sorted(set(ref) - set(sd)) + missing_meta
-    unexpected = sorted(set(sd) - set(ref))
-    shapes = [f'{k}: file {tuple(sd[k].shape)} vs model {tuple(ref[k].shape)}'
-              for k in ref if k in sd and sd[k].shape != ref[k].shape]
-    buffers = dict(vit.named_buffers())
-    shapes += [f'{k}: file {tuple(v.shape)} vs model {tuple(buffers[k].shape)}' for k, v in extra.items()
-               if k in buffers and buffers[k].shape != v.shape]
-    if missing or unexpected or shapes:
+    buffers = dict(vit.named_buffers())  # extra: buffers outside the state dict (e.g. DINOv3 RoPE periods)
+    problems = wi.state_dict_mismatch({**vit.state_dict(), **{k: buffers[k] for k in extra}}, {**sd, **extra},
+                                      limit=6, missing_extra=missing_meta)
+    if problems:
         raise data.UserError(
             f'{where} does not match teacher {name} (timm {type(vit).__name__}, embed_dim {vit.embed_dim}, depth '
-            f'{len(vit.blocks)}): missing keys ({len(missing)}) {missing[:6]}; unexpected keys ({len(unexpected)}) '
-            f'{unexpected[:6]}; shape mismatches ({len(shapes)}) {shapes[:4]}', '--teacher-weights',
+            f'{len(vit.blocks)}): {problems}', '--teacher-weights',
             'is this the file of another model? ' + valid_teachers_text())
     vit.load_state_dict(sd, strict=True)
     with torch.no_grad():

@@ -597,20 +597,28 @@ def make_head(kind, channels, nb_class, teacher_dims=None):
     raise ValueError(f"unknown head {kind!r}; choose one of {HEAD_KINDS} or pass an nn.Module")
 
 
+def head_of_state_dict(sd):
+    """The one head detector: (kind, number of outputs) from the tensors of a head (names relative to `classif`,
+    e.g. 'weight', '0.running_mean'); (None, None) for no head. ValueError for tensors of no known head."""
+    if "weight" in sd:                    # Conv1d(F, C): ScaLR pretraining / original WaffleIron
+        return "linear", int(sd["weight"].shape[0])
+    if "0.running_mean" in sd:            # BatchNorm1d + Conv1d: ScaLR finetune.py head
+        return "seg", int(sd["1.weight"].shape[0])
+    if "3.weight" in sd:                  # Conv1d, LayerNorm, ReLU, Conv1d: Supp. B.2
+        return "mlp", int(sd["3.weight"].shape[0])
+    if "2.weight" in sd:                  # Conv1d, ReLU, Conv1d: ScaLR+
+        return "scalr_plus", int(sd["2.weight"].shape[0])
+    if sd:
+        raise ValueError(f"unrecognised head tensors {['classif.' + k for k in sd]}")
+    return None, None
+
+
 def head_kind(module):
-    """(kind, number of outputs) of a head module, for model.config."""
-    if isinstance(module, MLPDistillHead):
-        return "mlp", sum(module.teacher_dims)
-    if isinstance(module, nn.Conv1d):
-        return "linear", module.out_channels
-    if isinstance(module, nn.Identity):
-        return None, None
-    batch_norm = nn.modules.batchnorm._BatchNorm
-    if isinstance(module, nn.Sequential) and len(module) == 2 and isinstance(module[0], batch_norm):
-        return "seg", module[1].out_channels
-    if isinstance(module, nn.Sequential) and len(module) == 3 and isinstance(module[2], nn.Conv1d):
-        return "scalr_plus", module[2].out_channels
-    return "custom", None
+    """(kind, number of outputs) of a head module, for model.config ('custom' for a head of no known layout)."""
+    try:
+        return head_of_state_dict(module.state_dict())
+    except (ValueError, KeyError):
+        return "custom", None
 
 
 
@@ -659,26 +667,18 @@ def infer_config(state_dict):
     feat_channels, input_channels = sd["embed.conv1.weight"].shape[:2]   # (F, C_in, 1)
     depth = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("waffleiron.channel_mix."))
     layer_norm = "waffleiron.channel_mix.0.norm.running_mean" not in sd
-    if "classif.weight" in sd:                       # Conv1d(F, C): ScaLR pretraining / original WaffleIron
-        head, nb_class = "linear", sd["classif.weight"].shape[0]
-    elif "classif.0.running_mean" in sd:             # BatchNorm1d + Conv1d: ScaLR finetune.py head
-        head, nb_class = "seg", sd["classif.1.weight"].shape[0]
-    elif "classif.3.weight" in sd:                   # Conv1d, LayerNorm, ReLU, Conv1d: Supp. B.2
-        head, nb_class = "mlp", sd["classif.3.weight"].shape[0]
-    elif "classif.2.weight" in sd:                   # Conv1d, ReLU, Conv1d: ScaLR+
-        head, nb_class = "scalr_plus", sd["classif.2.weight"].shape[0]
-    elif any(k.startswith("classif.") for k in sd):
-        raise ValueError(f"unrecognised head tensors {[k for k in sd if k.startswith('classif.')]}")
-    else:
-        head, nb_class = None, feat_channels
+    head, nb_class = head_of_state_dict({k[len("classif."):]: v for k, v in sd.items() if k.startswith("classif.")})
+    nb_class = feat_channels if head is None else nb_class
     return dict(input_channels=int(input_channels), feat_channels=int(feat_channels), depth=int(depth),
                 nb_class=int(nb_class), layer_norm=bool(layer_norm), head=head)
 
 
-def state_dict_mismatch(model, state_dict, limit=12):
-    """Human-readable list of missing / unexpected keys and shape mismatches ('' when it loads strictly)."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
+def state_dict_mismatch(expected, state_dict, limit=12, missing_extra=()):
+    """The one strict-load diff of the project (checkpoints, resume, teachers): missing / unexpected keys and shape
+    mismatches of `state_dict` against `expected` (a module or a state dict) as one line, '' when it loads strictly.
+    missing_extra: keys the caller already knows are missing (e.g. a Meta teacher file's)."""
+    expected = expected.state_dict() if hasattr(expected, 'state_dict') else expected
+    missing = [k for k in expected if k not in state_dict] + list(missing_extra)
     unexpected = [k for k in state_dict if k not in expected]
     shapes = [f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
               for k, v in expected.items() if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
@@ -1239,15 +1239,9 @@ def diverged_message(err, out):
 def _load_weights_strict(model, weights, where):
     """load_state_dict(strict=True) with a readable error (missing / unexpected keys, shape mismatches)."""
     weights = {_strip_wrappers(k): v for k, v in weights.items()}
-    own = model.state_dict()
-    missing = [k for k in own if k not in weights]
-    unexpected = [k for k in weights if k not in own]
-    shapes = [f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(v.shape)}"
-              for k, v in own.items() if k in weights and weights[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        raise ValueError(f"checkpoint {where} does not match the model (another --width/--depth/head?): "
-                         f"{len(missing)} missing {missing[:5]}, {len(unexpected)} unexpected {unexpected[:5]}, "
-                         f"{len(shapes)} shape mismatches {shapes[:5]}")
+    problems = state_dict_mismatch(model, weights, limit=5)
+    if problems:
+        raise ValueError(f"checkpoint {where} does not match the model (another --width/--depth/head?): {problems}")
     model.load_state_dict(weights, strict=True)
 
 
