@@ -10,9 +10,12 @@ This file is the ground every stage stands on; its sections, in order:
   [data] Point preprocessing              voxelize, crop, features, cells, kNN, augmentations, prepare_scan
                                           (ScaLR datasets/pc_dataset.py, utils/transforms.py)
   [data] Torch datasets and collate       SegmentationDataset, collate with padding (ScaLR datasets/pc_dataset.py)
+  [data] Loaders                          EpochSampler, make_loader, set_epoch: one sampler for every stage
   [data] Metrics                          confusion matrix, per-class IoU, mIoU (ScaLR utils/metrics.py)
-  [toy]  The embedded toy world           procedural scenes written as nuScenes / SemanticKITTI files
+  [data] Preprocessing on the device      the same voxelisation, crop, cells and kNN in torch, for a whole batch
   [data] Benchmark and CLI                --bench, --make-toy, inspect / splits / subset commands
+  Appendix [toy]: the embedded toy world  procedural streets written as nuScenes / SemanticKITTI files (used only
+                                          through get_dataset('toy'))
 
 Commands:
   python data.py --make-toy data/toy                       # toy world (nuscenes/ + semantic_kitti/)
@@ -32,7 +35,7 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 # ==== [data] Bad input: one line, exit status 2 ====
@@ -2257,7 +2260,7 @@ def bench_data_paths(pts, source, repeats=3, device="cpu", batch=2, model=(6, 64
     dev, inputs, sync = _bench_device_path(pts, cfg, repeats, device, batch)
     step = _bench_model_step(inputs, cfg, model[0], model[1], repeats, sync)
     worker_ms, dev_ms = dev.pop("worker: features + permutation"), sum(dev.values())
-    lines = [f"| path | part | runs in | ms / scan | share |", "|---|---|---|---:|---:|"]
+    lines = ["| path | part | runs in | ms / scan | share |", "|---|---|---|---:|---:|"]
     lines += [f"| cpu | {k} | worker | {v:.1f} | {100 * v / sum(cpu.values()):.0f}% |" for k, v in cpu.items()]
     lines += [f"| device | features + voxel permutation | worker | {worker_ms:.1f} | |"]
     lines += [f"| device | {k} | {device} | {v:.1f} | {100 * v / dev_ms:.0f}% |" for k, v in dev.items()]
@@ -2279,7 +2282,187 @@ def bench_data_paths(pts, source, repeats=3, device="cpu", batch=2, model=(6, 64
     return dict(cpu=cpu, device=dev, worker_ms=worker_ms, model_ms=step, rates=rates)
 
 
-# ==== [toy] The embedded toy world ====
+# ==== [data] Benchmark and CLI ====
+_REALDATA = Path(__file__).resolve().parent.parent / "shared" / "realdata"
+
+
+def _bench_scan(n, rng):
+    """A lidar scan of about n points: the real 34,688-point nuScenes sample under _REALDATA when present
+    (all of it for n >= 34,688, else n random rows), else a synthetic 32-beam sweep of ground + walls."""
+    path = _REALDATA / "nuscenes" / "samples" / "LIDAR_TOP"
+    files = sorted(path.glob("*.pcd.bin")) if path.is_dir() else []
+    if files:
+        pts = max((_read_records(f, np.float32, 5, "nuScenes lidar")[:, :4] for f in files), key=len)
+        return (pts if n >= len(pts) else pts[np.sort(rng.choice(len(pts), n, replace=False))]), "nuScenes realdata"
+    az = rng.uniform(-np.pi, np.pi, n)
+    el = np.deg2rad(rng.integers(0, 32, n) * (41.3 / 31) - 30.7)
+    rng_ground = 1.8 / np.maximum(np.tan(-el), 1e-3)
+    r = np.where(el < -0.02, np.minimum(rng_ground, 60), rng.uniform(5, 40, n))
+    xyz = np.stack([r * np.cos(az), r * np.sin(az), np.minimum(r * np.tan(el), 6)], 1)
+    return np.concatenate([xyz, rng.uniform(0, 255, (n, 1))], 1).astype(np.float32), "synthetic sweep"
+
+
+def _median_ms(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(1000 * (time.perf_counter() - t))
+    return float(np.median(times))
+
+
+def bench(repeats=5, sizes=(20000, 35000), paths=True, device=None):
+    """Markdown table of ms per scan for each preprocessing step (median of `repeats`, one thread), in the
+    official order: voxelize and crop on the raw scan, cells and kNN on the M voxelized + cropped points.
+    paths: then the table of bench_data_paths (CPU vs device data path and the model step, scans/s) on the
+    largest scan, on `device` (default: cuda when available, else cpu)."""
+    rng = np.random.default_rng(0)
+    cfg = GridConfig()
+    rows, counts = {}, []
+    for n in sizes:
+        pts, source = _bench_scan(n, rng)
+        xyz = pts[:, :3]
+        vox = xyz[voxelize(xyz, cfg.voxel)]
+        vox = vox[fov_mask(vox, cfg)]  # (M, 3) what cells / kNN see
+        counts.append(f"{len(xyz)} -> {len(vox)}")
+        steps = {
+            "voxelize 0.1 m (random point)": lambda: voxelize(xyz, cfg.voxel, rng),
+            "FOV crop": lambda: fov_mask(vox, cfg),
+            "cells (3 planes)": lambda: cell_indices(vox, cfg),
+            "kNN k=16 (cKDTree, k+1 query)": lambda: knn_indices(vox, cfg.k),
+            "features (5 ch)": lambda: input_features(xyz, pts[:, 3]),
+            "limit 20k points (train)": lambda: limit_points(vox, cfg.max_points, rng),
+            "augment (downstream, train)": lambda: augment_downstream(np.concatenate([xyz, pts], 1), rng),
+            "1-NN upsample of all N points (eval)": lambda: nearest_indices(xyz, vox),
+            "prepare_scan, train": lambda: prepare_scan(pts, "nuscenes", cfg, True, rng),
+            "prepare_scan, eval": lambda: prepare_scan(pts, "nuscenes", cfg, False),
+        }
+        for name, fn in steps.items():
+            rows.setdefault(name, []).append(_median_ms(fn, repeats))
+    core = list(rows)[:4]
+    rows["**crop + voxel + kNN + cells**"] = [sum(rows[c][j] for c in core) for j in range(len(sizes))]
+    lines = ["| step | " + " | ".join(f"{c} pts" for c in counts) + " |", "|---|" + "---:|" * len(sizes)]
+    lines += [f"| {k} | " + " | ".join(f"{v:.1f}" for v in vals) + " |" for k, vals in rows.items()]
+    print(f"ms per scan ({source}; N -> M points after voxelization + crop; median of {repeats}; 1 thread; "
+          f"target <= 50 ms for crop + voxel + kNN + cells at 35k; 1-min load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs: timings inflate when the machine is busy)")
+    print("\n".join(lines))
+    if paths:
+        import torch
+        torch.set_num_threads(1)  # one worker / one device thread: the per-worker rate
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        rows["paths"] = bench_data_paths(pts, source, repeats=max(1, repeats // 2), device=device)
+    return rows
+
+
+def _colour(values, cmap_name):
+    import matplotlib
+    cmap = matplotlib.colormaps[cmap_name]
+    return (np.asarray(cmap(values))[:, :3] * 255).astype(np.uint8)
+
+
+def inspect_scan(ds, i, out_dir, colour="depth"):
+    """One PNG per camera (points drawn over the image, coloured by depth or label) + pairs.npz with
+    CAM__idx (K,) int64, CAM__uv (K, 2) float64, CAM__depth (K,) float64 for every camera with an image."""
+    from PIL import Image
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    proj = ds.project_all(i)
+    labels = ds.labels(i) if colour == "label" and ds.scan_has_labels(i) else None
+    pairs = {}
+    for cam, p in proj.items():
+        pairs.update({f"{cam}__idx": p["idx"], f"{cam}__uv": p["uv"], f"{cam}__depth": p["depth"]})
+        img = ds.image(i, cam).copy()
+        if labels is not None:
+            lab = labels[p["idx"]]
+            rgb = np.where(lab[:, None] == IGNORE, 0, _colour((lab % 20) / 19.0, "tab20"))
+        else:
+            rgb = _colour(np.clip(p["depth"] / 50.0, 0, 1), "turbo")
+        col, row = np.floor(p["uv"]).astype(np.int64).T
+        H, W = img.shape[:2]
+        for dr in (-1, 0, 1):  # 3x3 dots
+            for dc in (-1, 0, 1):
+                img[np.clip(row + dr, 0, H - 1), np.clip(col + dc, 0, W - 1)] = rgb
+        Image.fromarray(img).save(out_dir / f"{cam}.png", compress_level=1)  # fast
+        print(f"[inspect] {cam}: {len(p['idx'])} points in the image -> {out_dir / (cam + '.png')}")
+    np.savez(out_dir / "pairs.npz", **pairs)
+    seen = len(np.unique(np.concatenate([p["idx"] for p in proj.values()])))
+    print(f"[inspect] scan {ds.scan_id(i)}: {len(ds.points(i))} points, {seen} in at least one camera; "
+          f"pairs -> {out_dir / 'pairs.npz'}")
+    return pairs
+
+def _dataset_args(p):
+    p.add_argument("--data", default="toy", help=f"dataset name, one of {DATASET_NAMES} (default toy)")
+    p.add_argument("--root", default=None, help="dataset root (native layout); toy: data/toy, generated if missing")
+    p.add_argument("--version", default=None, help="nuScenes version folder (default: first of v1.0-trainval, "
+                                                   "v1.0-mini, v1.0-test present)")
+    p.add_argument("--split", default="all", help="train | val | test | all (default all)")
+    p.add_argument("--split-file", default=None, help="nuScenes: official list_files_nuscenes.npz (ScaLR release "
+                   "info_datasets.tar.gz) or JSON {train: [scene names], val: [...]} with the official 700/150 "
+                   "scene lists; without it v1.0-trainval uses the official devkit lists (NUSCENES_SPLITS)")
+
+
+def main(argv=None):
+    """CLI: --bench | --make-toy DIR | inspect ... | splits ... | subset ... (see module docstring)."""
+    import argparse
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("inspect", "splits", "subset"):
+        cmd, argv = argv[0], argv[1:]
+        p = argparse.ArgumentParser(prog=f"data.py {cmd}")
+        _dataset_args(p)
+        p.add_argument("--out", required=True, help="output folder")
+        p.add_argument("--sample", default=None, help="nuScenes sample token (inspect)")
+        p.add_argument("--index", type=nonneg_int, default=0, help="scan index in the split (inspect; default 0)")
+        p.add_argument("--colour", default="depth", choices=["depth", "label"], help="point colour (inspect)")
+        p.add_argument("--fraction", type=positive_float, default=0.01,
+                       help="label fraction in (0, 1] (subset; official 1%% / 10%%: 0.01 / 0.1)")
+        p.add_argument("--subset-file", default=None, help="official .npy frame list (subset; nuScenes); plain "
+                                                           "string arrays only (no pickle)")
+        a = p.parse_args(argv)
+        if a.data not in DATASET_NAMES:
+            p.error(f"unknown --data {a.data!r}; valid names: {', '.join(DATASET_NAMES)}")
+        if a.fraction > 1.0:
+            p.error(f"--fraction must be in (0, 1] (e.g. 0.01 or 0.1), got {a.fraction:g}")
+        ds = get_dataset(a.data, a.root, a.split, a.version, split_file=a.split_file, out_dir=a.out)
+        if cmd == "inspect":
+            if a.sample and not hasattr(ds, "index_of"):
+                raise SettingError("--sample (a nuScenes sample token) needs --data nuscenes or toy", "--sample",
+                                   "use --index for this dataset")
+            i = ds.index_of(a.sample) if a.sample else a.index
+            if i >= len(ds):
+                raise SettingError(f"scan index {i} is out of range: split {a.split!r} has {len(ds)} scans",
+                                   "--index", f"use 0..{len(ds) - 1}")
+            inspect_scan(ds, i, a.out, a.colour)
+        elif cmd == "subset":
+            label_subset(ds, a.fraction, a.subset_file, a.out)
+        else:
+            Path(a.out).mkdir(parents=True, exist_ok=True)
+            path = Path(a.out) / f"split_{ds.name}_{a.split}.txt"
+            path.write_text("".join(ds.scan_id(i) + "\n" for i in range(len(ds))))
+            print(f"[data] {ds.name} split {a.split}: {len(ds)} scans -> {path}")
+        return
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--bench", action="store_true", help="time each preprocessing step on 20k / 35k point scans")
+    p.add_argument("--make-toy", metavar="DIR", default=None, help="write the toy world (nuscenes/ + "
+                                                                    "semantic_kitti/) into DIR")
+    p.add_argument("--scans", type=positive_int, default=None, help="toy: number of scans (default: the [toy] "
+                                                                     "default)")
+    p.add_argument("--seed", type=nonneg_int, default=None, help="toy: random seed (default: the [toy] default)")
+    a = p.parse_args(argv)
+    if a.bench:
+        bench()
+    elif a.make_toy:
+        kw = {k: v for k, v in (("scans", a.scans), ("seed", a.seed)) if v is not None}
+        make_toy(a.make_toy, **kw)
+    else:
+        p.print_help()
+
+
+
+# ================================================================================================================
+# ==== Appendix [toy]: the embedded toy world ====
+# Nothing above uses this part except get_dataset('toy' | 'toy_kitti') through ensure_toy(). It writes procedural
+# streets in the real nuScenes / SemanticKITTI file formats, so every stage reads it with the readers above.
 # A procedural street, ray-cast by a spinning lidar and by pinhole cameras from the same poses, written as real
 # nuScenes (v1.0-mini) and SemanticKITTI files, so the toy runs through exactly the readers of the real datasets.
 # Layout across the road (|y| grows outwards, both sides): road (lane markings, crosswalk) | parking lane |
@@ -2492,76 +2675,107 @@ def _toy_world(rng, x_lo, x_hi, ego_x=(0.0, 0.0)):
     """Random street along x in [x_lo, x_hi] (road frame: z up, road centre y=0, ego drives +x on the right).
 
     Returns S: layout parameters (lane width, kerb lines y_s0/y_s1 and building line y_b per side, driveways,
-    crosswalk, noise keys) and S['prims'] (tables of boxes, cylinders, ellipsoids)."""
+    crosswalk, noise keys) and S['prims'] (tables of boxes, cylinders, ellipsoids). The parts are drawn in a fixed
+    order from `rng` (layout, then per side: buildings, greenery, sidewalk objects, parked cars; then traffic), so
+    a seed always gives the same street."""
+    S, park = _toy_layout(rng, x_lo, x_hi)
+    P, inst, dws = _ToyPrims(), [1], []
+
+    def nid():  # a fresh instance id
+        inst[0] += 1
+        return inst[0]
+
+    for side, sg in ((0, 1.0), (1, -1.0)):  # side 0 = left (y > 0), side 1 = right (y < 0); sg = sign of y
+        ys0, ys1, yb = S["y_s0"][side], S["y_s1"][side], S["y_b"][side]
+        dws += _toy_buildings(P, rng, side, sg, ys1, yb, x_lo, x_hi, nid)
+        _toy_greenery(P, rng, sg, ys1, yb, x_lo, x_hi)
+        _toy_sidewalk_objects(P, rng, sg, ys0, ys1, x_lo, x_hi, nid)
+        if park[side]:
+            _toy_parked_cars(P, rng, sg, S["R"], x_lo, x_hi, nid)
+    S["driveways"] = np.array(dws, np.float64).reshape(-1, 3)
+    _toy_traffic(S, P, rng, x_lo, x_hi, ego_x, nid)
+    S["prims"] = P.tables()
+    return S
+
+
+def _toy_layout(rng, x_lo, x_hi):
+    """Lanes, parking lanes (one flag per side), kerb, yard and building lines, ego lane, crosswalk -> (S, park)."""
     S = {"lanes": int(rng.integers(1, 3)), "lane_w": 3.3, "key": float(rng.uniform(0, 100)),
          "veg_scale": float(rng.uniform(4, 8)), "veg_frac": float(rng.uniform(0.35, 0.65)),
          "bump_phase": rng.uniform(0, 2 * np.pi, 2)}
     S["R"] = S["lanes"] * S["lane_w"]
-    park = rng.random(2) < 0.6                      # side 0 = left (y > 0), side 1 = right (y < 0)
+    park = rng.random(2) < 0.6                      # a parking lane on side 0 (left) / 1 (right)
     S["y_s0"] = S["R"] + 2.4 * park
     S["y_s1"] = S["y_s0"] + rng.uniform(2.0, 4.0, 2)
     S["y_b"] = S["y_s1"] + rng.uniform(3.0, 9.0, 2)
     S["ego_y"] = -S["lane_w"] * (S["lanes"] - 0.5)
     zx = rng.uniform(x_lo + 20, x_hi - 20)
     S["zebra"] = (zx, zx + 4.0) if rng.random() < 0.7 else (np.inf, np.inf)
-    P, inst, dws = _ToyPrims(), [1], []
+    return S, park
+
+
+def _toy_buildings(P, rng, side, sg, ys1, yb, x_lo, x_hi, nid):
+    """Buildings behind the yards, each maybe with a driveway (and a car on it) -> list of (x0, x1, side)."""
+    x, dws = x_lo + rng.uniform(0, 10), []
+    while x < x_hi:
+        L, gap = rng.uniform(8, 25), rng.uniform(2, 12)
+        if rng.random() < 0.8:
+            D, H = rng.uniform(8, 15), rng.uniform(5, 20)
+            P.add("box", "building", (x + L / 2, sg * (yb + D / 2), H / 2, L / 2, D / 2, H / 2, 0.0),
+                  _TOY_FACADES[rng.integers(len(_TOY_FACADES))])
+            if rng.random() < 0.75:
+                w, x0 = rng.uniform(3, 6), x + rng.uniform(0, max(L - 6, 0.1))
+                dws.append((x0, x0 + w, side))
+                if rng.random() < 0.5:           # a car parked on the driveway
+                    _toy_vehicle(P, rng, "car", x0 + w / 2, sg * (ys1 + (yb - ys1) / 2), np.pi / 2, nid(),
+                                 _TOY_SIDEWALK_H)
+        x += L + gap
+    return dws
+
+
+def _toy_greenery(P, rng, sg, ys1, yb, x_lo, x_hi):
+    """Trees (trunk + canopy) along the yard edge, bushes (low vegetation) in the yard."""
+    x = x_lo + rng.uniform(0, 8)
+    while x < x_hi:
+        if rng.random() < 0.6:
+            ty, h, r = sg * (ys1 + rng.uniform(0.8, 2.0)), rng.uniform(2.0, 4.0), rng.uniform(0.12, 0.3)
+            P.add("cyl", "trunk", (x, ty, 0.0, h + 0.5, r))
+            R_c = rng.uniform(1.5, 3.0)
+            P.add("ell", "tree_canopy", (x, ty, h + R_c * 0.8, R_c, R_c, R_c * rng.uniform(0.8, 1.3)))
+        if rng.random() < 0.5:
+            by, rb = sg * rng.uniform(ys1 + 1.0, yb), rng.uniform(0.5, 1.4)
+            P.add("ell", "low_vegetation", (x + 4, by, _TOY_SIDEWALK_H + 0.2, rb, rb * rng.uniform(0.7, 1.3),
+                                            rb * 0.6))
+        x += rng.uniform(6, 16)
+
+
+def _toy_sidewalk_objects(P, rng, sg, ys0, ys1, x_lo, x_hi, nid):
+    """Poles (most with a sign), pedestrians and bicycles on the sidewalk."""
     hs = _TOY_SIDEWALK_H
+    x = x_lo + rng.uniform(0, 15)
+    while x < x_hi:
+        py, h = sg * (ys0 + 0.5), rng.uniform(4, 8)
+        P.add("cyl", "pole", (x, py, 0.0, h, rng.uniform(0.07, 0.12)))
+        if rng.random() < 0.7:
+            P.add("box", "traffic_sign", (x + 0.1, py, rng.uniform(2.4, 3.0), 0.04, 0.45, 0.4, 0.0),
+                  [(30, 80, 190), (200, 30, 30), (240, 240, 240)][rng.integers(3)])
+        for _ in range(rng.integers(0, 4)):
+            P.add("cyl", "pedestrian", (x + rng.uniform(2, 12), sg * rng.uniform(ys0 + 0.5, ys1 - 0.3), hs,
+                                       hs + rng.uniform(1.55, 1.9), rng.uniform(0.22, 0.3)),
+                  _TOY_PAINTS[rng.integers(len(_TOY_PAINTS))] * 0.7, nid())
+        if rng.random() < 0.5:
+            P.add("box", "bicycle", (x + 1.5, sg * (ys0 + 0.9), hs + 0.55, 0.85, 0.08, 0.45, 0.0),
+                  (40, 160, 200), nid())
+        x += rng.uniform(12, 30)
 
-    def nid():
-        inst[0] += 1
-        return inst[0]
 
-    for side, sg in ((0, 1.0), (1, -1.0)):
-        ys0, ys1, yb = S["y_s0"][side], S["y_s1"][side], S["y_b"][side]
-        x = x_lo + rng.uniform(0, 10)
-        while x < x_hi:                              # buildings, each with maybe a driveway leading to it
-            L, gap = rng.uniform(8, 25), rng.uniform(2, 12)
-            if rng.random() < 0.8:
-                D, H = rng.uniform(8, 15), rng.uniform(5, 20)
-                P.add("box", "building", (x + L / 2, sg * (yb + D / 2), H / 2, L / 2, D / 2, H / 2, 0.0),
-                      _TOY_FACADES[rng.integers(len(_TOY_FACADES))])
-                if rng.random() < 0.75:
-                    w, x0 = rng.uniform(3, 6), x + rng.uniform(0, max(L - 6, 0.1))
-                    dws.append((x0, x0 + w, side))
-                    if rng.random() < 0.5:           # a car parked on the driveway
-                        _toy_vehicle(P, rng, "car", x0 + w / 2, sg * (ys1 + (yb - ys1) / 2), np.pi / 2, nid(), hs)
-            x += L + gap
-        x = x_lo + rng.uniform(0, 8)
-        while x < x_hi:                              # trees along the yard edge, bushes in the yard
-            if rng.random() < 0.6:
-                ty, h, r = sg * (ys1 + rng.uniform(0.8, 2.0)), rng.uniform(2.0, 4.0), rng.uniform(0.12, 0.3)
-                P.add("cyl", "trunk", (x, ty, 0.0, h + 0.5, r))
-                R_c = rng.uniform(1.5, 3.0)
-                P.add("ell", "tree_canopy", (x, ty, h + R_c * 0.8, R_c, R_c, R_c * rng.uniform(0.8, 1.3)))
-            if rng.random() < 0.5:
-                by, rb = sg * rng.uniform(ys1 + 1.0, yb), rng.uniform(0.5, 1.4)
-                P.add("ell", "low_vegetation", (x + 4, by, hs + 0.2, rb, rb * rng.uniform(0.7, 1.3), rb * 0.6))
-            x += rng.uniform(6, 16)
-        x = x_lo + rng.uniform(0, 15)
-        while x < x_hi:                              # poles (most with a sign), pedestrians, bicycles on sidewalk
-            py, h = sg * (ys0 + 0.5), rng.uniform(4, 8)
-            P.add("cyl", "pole", (x, py, 0.0, h, rng.uniform(0.07, 0.12)))
-            if rng.random() < 0.7:
-                P.add("box", "traffic_sign", (x + 0.1, py, rng.uniform(2.4, 3.0), 0.04, 0.45, 0.4, 0.0),
-                      [(30, 80, 190), (200, 30, 30), (240, 240, 240)][rng.integers(3)])
-            for _ in range(rng.integers(0, 4)):
-                P.add("cyl", "pedestrian", (x + rng.uniform(2, 12), sg * rng.uniform(ys0 + 0.5, ys1 - 0.3), hs,
-                                           hs + rng.uniform(1.55, 1.9), rng.uniform(0.22, 0.3)),
-                      _TOY_PAINTS[rng.integers(len(_TOY_PAINTS))] * 0.7, nid())
-            if rng.random() < 0.5:
-                P.add("box", "bicycle", (x + 1.5, sg * (ys0 + 0.9), hs + 0.55, 0.85, 0.08, 0.45, 0.0),
-                      (40, 160, 200), nid())
-            x += rng.uniform(12, 30)
-        if park[side]:                               # parked cars in the parking lane
-            x = x_lo + rng.uniform(0, 6)
-            while x < x_hi:
-                if rng.random() < 0.6:
-                    _toy_vehicle(P, rng, "car", x, sg * (S["R"] + 1.2), rng.choice([0.0, np.pi]), nid())
-                x += rng.uniform(5.5, 9.0)
-    S["driveways"] = np.array(dws, np.float64).reshape(-1, 3)
-    _toy_traffic(S, P, rng, x_lo, x_hi, ego_x, nid)
-    S["prims"] = P.tables()
-    return S
+def _toy_parked_cars(P, rng, sg, road_half_width, x_lo, x_hi, nid):
+    """Cars parked in the parking lane of one side."""
+    x = x_lo + rng.uniform(0, 6)
+    while x < x_hi:
+        if rng.random() < 0.6:
+            _toy_vehicle(P, rng, "car", x, sg * (road_half_width + 1.2), rng.choice([0.0, np.pi]), nid())
+        x += rng.uniform(5.5, 9.0)
 
 
 def _toy_traffic(S, P, rng, x_lo, x_hi, ego_x, nid):
@@ -3237,182 +3451,6 @@ def render_toy_preview(root=None, out_png="toy_preview.png", index=0, cam="CAM_F
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
     return Path(out_png)
-
-
-# ==== [data] Benchmark and CLI ====
-_REALDATA = Path(__file__).resolve().parent.parent / "shared" / "realdata"
-
-
-def _bench_scan(n, rng):
-    """A lidar scan of about n points: the real 34,688-point nuScenes sample under _REALDATA when present
-    (all of it for n >= 34,688, else n random rows), else a synthetic 32-beam sweep of ground + walls."""
-    path = _REALDATA / "nuscenes" / "samples" / "LIDAR_TOP"
-    files = sorted(path.glob("*.pcd.bin")) if path.is_dir() else []
-    if files:
-        pts = max((_read_records(f, np.float32, 5, "nuScenes lidar")[:, :4] for f in files), key=len)
-        return (pts if n >= len(pts) else pts[np.sort(rng.choice(len(pts), n, replace=False))]), "nuScenes realdata"
-    az = rng.uniform(-np.pi, np.pi, n)
-    el = np.deg2rad(rng.integers(0, 32, n) * (41.3 / 31) - 30.7)
-    rng_ground = 1.8 / np.maximum(np.tan(-el), 1e-3)
-    r = np.where(el < -0.02, np.minimum(rng_ground, 60), rng.uniform(5, 40, n))
-    xyz = np.stack([r * np.cos(az), r * np.sin(az), np.minimum(r * np.tan(el), 6)], 1)
-    return np.concatenate([xyz, rng.uniform(0, 255, (n, 1))], 1).astype(np.float32), "synthetic sweep"
-
-
-def _median_ms(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(1000 * (time.perf_counter() - t))
-    return float(np.median(times))
-
-
-def bench(repeats=5, sizes=(20000, 35000), paths=True, device=None):
-    """Markdown table of ms per scan for each preprocessing step (median of `repeats`, one thread), in the
-    official order: voxelize and crop on the raw scan, cells and kNN on the M voxelized + cropped points.
-    paths: then the table of bench_data_paths (CPU vs device data path and the model step, scans/s) on the
-    largest scan, on `device` (default: cuda when available, else cpu)."""
-    rng = np.random.default_rng(0)
-    cfg = GridConfig()
-    rows, counts = {}, []
-    for n in sizes:
-        pts, source = _bench_scan(n, rng)
-        xyz = pts[:, :3]
-        vox = xyz[voxelize(xyz, cfg.voxel)]
-        vox = vox[fov_mask(vox, cfg)]  # (M, 3) what cells / kNN see
-        counts.append(f"{len(xyz)} -> {len(vox)}")
-        steps = {
-            "voxelize 0.1 m (random point)": lambda: voxelize(xyz, cfg.voxel, rng),
-            "FOV crop": lambda: fov_mask(vox, cfg),
-            "cells (3 planes)": lambda: cell_indices(vox, cfg),
-            "kNN k=16 (cKDTree, k+1 query)": lambda: knn_indices(vox, cfg.k),
-            "features (5 ch)": lambda: input_features(xyz, pts[:, 3]),
-            "limit 20k points (train)": lambda: limit_points(vox, cfg.max_points, rng),
-            "augment (downstream, train)": lambda: augment_downstream(np.concatenate([xyz, pts], 1), rng),
-            "1-NN upsample of all N points (eval)": lambda: nearest_indices(xyz, vox),
-            "prepare_scan, train": lambda: prepare_scan(pts, "nuscenes", cfg, True, rng),
-            "prepare_scan, eval": lambda: prepare_scan(pts, "nuscenes", cfg, False),
-        }
-        for name, fn in steps.items():
-            rows.setdefault(name, []).append(_median_ms(fn, repeats))
-    core = list(rows)[:4]
-    rows["**crop + voxel + kNN + cells**"] = [sum(rows[c][j] for c in core) for j in range(len(sizes))]
-    lines = ["| step | " + " | ".join(f"{c} pts" for c in counts) + " |", "|---|" + "---:|" * len(sizes)]
-    lines += [f"| {k} | " + " | ".join(f"{v:.1f}" for v in vals) + " |" for k, vals in rows.items()]
-    print(f"ms per scan ({source}; N -> M points after voxelization + crop; median of {repeats}; 1 thread; "
-          f"target <= 50 ms for crop + voxel + kNN + cells at 35k; 1-min load average "
-          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs: timings inflate when the machine is busy)")
-    print("\n".join(lines))
-    if paths:
-        import torch
-        torch.set_num_threads(1)  # one worker / one device thread: the per-worker rate
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        rows["paths"] = bench_data_paths(pts, source, repeats=max(1, repeats // 2), device=device)
-    return rows
-
-
-def _colour(values, cmap_name):
-    import matplotlib
-    cmap = matplotlib.colormaps[cmap_name]
-    return (np.asarray(cmap(values))[:, :3] * 255).astype(np.uint8)
-
-
-def inspect_scan(ds, i, out_dir, colour="depth"):
-    """One PNG per camera (points drawn over the image, coloured by depth or label) + pairs.npz with
-    CAM__idx (K,) int64, CAM__uv (K, 2) float64, CAM__depth (K,) float64 for every camera with an image."""
-    from PIL import Image
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    proj = ds.project_all(i)
-    labels = ds.labels(i) if colour == "label" and ds.scan_has_labels(i) else None
-    pairs = {}
-    for cam, p in proj.items():
-        pairs.update({f"{cam}__idx": p["idx"], f"{cam}__uv": p["uv"], f"{cam}__depth": p["depth"]})
-        img = ds.image(i, cam).copy()
-        if labels is not None:
-            lab = labels[p["idx"]]
-            rgb = np.where(lab[:, None] == IGNORE, 0, _colour((lab % 20) / 19.0, "tab20"))
-        else:
-            rgb = _colour(np.clip(p["depth"] / 50.0, 0, 1), "turbo")
-        col, row = np.floor(p["uv"]).astype(np.int64).T
-        H, W = img.shape[:2]
-        for dr in (-1, 0, 1):  # 3x3 dots
-            for dc in (-1, 0, 1):
-                img[np.clip(row + dr, 0, H - 1), np.clip(col + dc, 0, W - 1)] = rgb
-        Image.fromarray(img).save(out_dir / f"{cam}.png", compress_level=1)  # fast
-        print(f"[inspect] {cam}: {len(p['idx'])} points in the image -> {out_dir / (cam + '.png')}")
-    np.savez(out_dir / "pairs.npz", **pairs)
-    seen = len(np.unique(np.concatenate([p["idx"] for p in proj.values()])))
-    print(f"[inspect] scan {ds.scan_id(i)}: {len(ds.points(i))} points, {seen} in at least one camera; "
-          f"pairs -> {out_dir / 'pairs.npz'}")
-    return pairs
-
-def _dataset_args(p):
-    p.add_argument("--data", default="toy", help=f"dataset name, one of {DATASET_NAMES} (default toy)")
-    p.add_argument("--root", default=None, help="dataset root (native layout); toy: data/toy, generated if missing")
-    p.add_argument("--version", default=None, help="nuScenes version folder (default: first of v1.0-trainval, "
-                                                   "v1.0-mini, v1.0-test present)")
-    p.add_argument("--split", default="all", help="train | val | test | all (default all)")
-    p.add_argument("--split-file", default=None, help="nuScenes: official list_files_nuscenes.npz (ScaLR release "
-                   "info_datasets.tar.gz) or JSON {train: [scene names], val: [...]} with the official 700/150 "
-                   "scene lists; without it v1.0-trainval uses the official devkit lists (NUSCENES_SPLITS)")
-
-
-def main(argv=None):
-    """CLI: --bench | --make-toy DIR | inspect ... | splits ... | subset ... (see module docstring)."""
-    import argparse
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("inspect", "splits", "subset"):
-        cmd, argv = argv[0], argv[1:]
-        p = argparse.ArgumentParser(prog=f"data.py {cmd}")
-        _dataset_args(p)
-        p.add_argument("--out", required=True, help="output folder")
-        p.add_argument("--sample", default=None, help="nuScenes sample token (inspect)")
-        p.add_argument("--index", type=nonneg_int, default=0, help="scan index in the split (inspect; default 0)")
-        p.add_argument("--colour", default="depth", choices=["depth", "label"], help="point colour (inspect)")
-        p.add_argument("--fraction", type=positive_float, default=0.01,
-                       help="label fraction in (0, 1] (subset; official 1%% / 10%%: 0.01 / 0.1)")
-        p.add_argument("--subset-file", default=None, help="official .npy frame list (subset; nuScenes); plain "
-                                                           "string arrays only (no pickle)")
-        a = p.parse_args(argv)
-        if a.data not in DATASET_NAMES:
-            p.error(f"unknown --data {a.data!r}; valid names: {', '.join(DATASET_NAMES)}")
-        if a.fraction > 1.0:
-            p.error(f"--fraction must be in (0, 1] (e.g. 0.01 or 0.1), got {a.fraction:g}")
-        ds = get_dataset(a.data, a.root, a.split, a.version, split_file=a.split_file, out_dir=a.out)
-        if cmd == "inspect":
-            if a.sample and not hasattr(ds, "index_of"):
-                raise SettingError("--sample (a nuScenes sample token) needs --data nuscenes or toy", "--sample",
-                                   "use --index for this dataset")
-            i = ds.index_of(a.sample) if a.sample else a.index
-            if i >= len(ds):
-                raise SettingError(f"scan index {i} is out of range: split {a.split!r} has {len(ds)} scans",
-                                   "--index", f"use 0..{len(ds) - 1}")
-            inspect_scan(ds, i, a.out, a.colour)
-        elif cmd == "subset":
-            label_subset(ds, a.fraction, a.subset_file, a.out)
-        else:
-            Path(a.out).mkdir(parents=True, exist_ok=True)
-            path = Path(a.out) / f"split_{ds.name}_{a.split}.txt"
-            path.write_text("".join(ds.scan_id(i) + "\n" for i in range(len(ds))))
-            print(f"[data] {ds.name} split {a.split}: {len(ds)} scans -> {path}")
-        return
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--bench", action="store_true", help="time each preprocessing step on 20k / 35k point scans")
-    p.add_argument("--make-toy", metavar="DIR", default=None, help="write the toy world (nuscenes/ + "
-                                                                    "semantic_kitti/) into DIR")
-    p.add_argument("--scans", type=positive_int, default=None, help="toy: number of scans (default: the [toy] "
-                                                                     "default)")
-    p.add_argument("--seed", type=nonneg_int, default=None, help="toy: random seed (default: the [toy] default)")
-    a = p.parse_args(argv)
-    if a.bench:
-        bench()
-    elif a.make_toy:
-        kw = {k: v for k, v in (("scans", a.scans), ("seed", a.seed)) if v is not None}
-        make_toy(a.make_toy, **kw)
-    else:
-        p.print_help()
 
 
 if __name__ == "__main__":
