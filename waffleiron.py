@@ -474,6 +474,11 @@ class WaffleIron(nn.Module):
 
 
 # ---- Reference: a direct implementation of the official layout, for tests and `--bench` ----
+# The paper's blocks written the way the official code lays them out ((B, F, N) tensors, scatter / gather per layer
+# and channel). The classes above compute the same numbers (tests compare them to 1e-5); measured gain of the fast
+# path on this project's 2-core CPU: training step (forward + backward + AdamW) of WI-12-64 on a real 34,688-point
+# nuScenes scan, 1 thread, 1,230 ms vs 2,862 ms here (2.33x; `python waffleiron.py --bench --scan X.npy --width 64
+# --depth 12 --threads 1 --repeats 2`), and 1.8-1.9x against the official WaffleIron code itself (README).
 
 def naive_embedding(embed, feat, neighbors):
     """Official layout: feat (B, C_in, N) -> (B, F, N), gathering a (B, C, k, N) neighbour tensor."""
