@@ -19,6 +19,7 @@ This file is the ground every stage stands on; its sections, in order:
 
 Commands:
   python data.py --make-toy data/toy                       # toy world (nuscenes/ + semantic_kitti/)
+  python data.py --toy-preview docs/toy_scan.png            # README's picture of a toy scan
   python data.py --bench                                    # ms per preprocessing step, 20k / 35k points
   python data.py inspect --data nuscenes --root R --version v1.0-mini --sample TOKEN --out DIR
   python data.py inspect --data pandaset64 --root R --index 0 --out DIR --colour label
@@ -2448,12 +2449,18 @@ def main(argv=None):
     p.add_argument("--scans", type=positive_int, default=None, help="toy: number of scans (default: the [toy] "
                                                                      "default)")
     p.add_argument("--seed", type=nonneg_int, default=None, help="toy: random seed (default: the [toy] default)")
+    p.add_argument("--toy-preview", metavar="PNG", default=None,
+                   help="draw README's toy picture (docs/toy_scan.png): a toy val scan by class, beside its front "
+                        "camera with the projected points (toy world from --root, generated if missing)")
+    p.add_argument("--root", default=None, help="toy world folder for --toy-preview (default: data/toy)")
     a = p.parse_args(argv)
     if a.bench:
         bench()
     elif a.make_toy:
         kw = {k: v for k, v in (("scans", a.scans), ("seed", a.seed)) if v is not None}
         make_toy(a.make_toy, **kw)
+    elif a.toy_preview:
+        print(f"[toy] preview -> {render_toy_preview(a.root, a.toy_preview)}")
     else:
         p.print_help()
 
@@ -2461,8 +2468,7 @@ def main(argv=None):
 
 # ================================================================================================================
 # ==== Appendix [toy]: the embedded toy world ====
-# Nothing above uses this part except get_dataset('toy' | 'toy_kitti') through ensure_toy(). It writes procedural
-# streets in the real nuScenes / SemanticKITTI file formats, so every stage reads it with the readers above.
+# Nothing above uses this part except get_dataset('toy' | 'toy_kitti') through ensure_toy(), and the CLI.
 # A procedural street, ray-cast by a spinning lidar and by pinhole cameras from the same poses, written as real
 # nuScenes (v1.0-mini) and SemanticKITTI files, so the toy runs through exactly the readers of the real datasets.
 # Layout across the road (|y| grows outwards, both sides): road (lane markings, crosswalk) | parking lane |
