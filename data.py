@@ -2479,7 +2479,7 @@ def main(argv=None):
 # numpy only; every cast is vectorised over rays (Python loops only over chunks of rays and over scans).
 # Deterministic: every scan draws from its own np.random.default_rng([seed, ...]) and no clock is read, so a seed
 # gives the same bytes (on one platform: numpy's SIMD sin/cos may round differently on another CPU).
-# Default (64 nuScenes keyframes, 48 KITTI scans): ~100 CPU-s (~50 s on 2 free cores), ~52 MB.
+# Default (64 nuScenes keyframes, 48 KITTI scans): ~175 CPU-s (89 s on 2 free cores, measured), ~52 MB.
 import hashlib  # json, math, os, time, Path: imported at the top of the file
 import io
 
@@ -3418,7 +3418,7 @@ def ensure_toy(root=None, scans=None, seed=0):
         except ImportError:  # no fcntl (Windows): single process assumed
             pass
         if not (root / "DONE").exists():
-            print(f"[toy] no complete toy world at {root}: generating it (about a minute on 2 cores, once)")
+            print(f"[toy] no complete toy world at {root}: generating it (about 1.5 minutes on 2 cores, once)")
             make_toy(root, scans=scans, seed=seed)
     return root
 
