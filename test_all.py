@@ -1251,7 +1251,7 @@ def test_our_stage_checkpoints_with_nested_config_restore_non_inferable_settings
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# helpers
+# 4.0 helpers
 # ---------------------------------------------------------------------------------------------------------------
 class _train_FakeMix(nn.Module):
     """Same parameter kinds as a WaffleIron block: norm (1-D), conv weight (F,F,1) + bias, LayerScale (F,1,1)."""
@@ -1329,7 +1329,7 @@ def _train_batch(scans, k=3):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# schedules
+# 4.1 schedules: linear warmup + cosine per iteration (Supp. B.2), ScaLR+ reciprocal square root
 # ---------------------------------------------------------------------------------------------------------------
 def test_supp_b2_warmup_cosine_factor_values():
     m = 1e-5 / 2e-3  # ScaLR utils/scheduler.py: m = min_lr / lr
@@ -1373,7 +1373,7 @@ def test_scalr_plus_rsqrt_schedule_values():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# layer decay
+# 4.2 layer-wise lr decay (Supp. B.4, BEiT rule)
 # ---------------------------------------------------------------------------------------------------------------
 def test_supp_b4_layer_decay_groups_official_rule():
     depth, lr, decay = 3, 2e-3, 0.9
@@ -1428,7 +1428,7 @@ def test_supp_b4_layer_decay_skips_frozen_and_min_lr_choice():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# losses
+# 4.3 losses: cross-entropy + Lovasz-softmax (Supp. B.3 / B.4)
 # ---------------------------------------------------------------------------------------------------------------
 def test_lovasz_softmax_one_hot_equals_one_minus_iou():
     labels = torch.tensor([0, 0, 1, 1])
@@ -1480,7 +1480,7 @@ def test_unpad_points_matches_concatenated_labels_order():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# checkpoints
+# 4.4 checkpoints: atomic saves, bit-exact resume
 # ---------------------------------------------------------------------------------------------------------------
 def test_atomic_save_never_leaves_partial_file(tmp_path, monkeypatch):
     path = tmp_path / 'ckpt_last.pth'
@@ -1547,19 +1547,48 @@ def test_resume_is_bit_exact(tmp_path):
 
 
 class _train_NoisyScans(torch.utils.data.Dataset):
-    """Dataset whose items draw augmentation noise from the global torch RNG (as data.SegmentationDataset does)."""
+    """Dataset of data.make_loader items (index, epoch) whose augmentation noise is seeded by (epoch, index), as
+    data.py's datasets seed theirs (so a mid-epoch resume sees the same samples)."""
 
     def __len__(self):
         return 8
 
-    def __getitem__(self, i):
-        return torch.full((4,), float(i)) + torch.randn(4)
+    def __getitem__(self, item):
+        i, epoch = item
+        return torch.full((4,), float(i)) + torch.randn(4, generator=torch.Generator().manual_seed(100 * epoch + i))
+
+
+class _train_Echo(torch.utils.data.Dataset):
+    """n items; the loader's item (index, epoch) is returned as is."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, item):
+        return item
+
+
+class _train_Items(torch.utils.data.Dataset):
+    """A list as a data.make_loader dataset: item (index, epoch) -> the index-th element (or the index itself)."""
+
+    def __init__(self, items):
+        self.items = list(items)
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, item):
+        index, epoch = item
+        return self.items[index]
 
 
 def _train_loader_steps(model, opt, sched, scaler, loader, epoch, batches_done, steps):
     """Run `steps` iterations from (epoch, batches_done); returns the new (epoch, batches_done)."""
     while steps > 0:
-        wi.set_epoch(loader, epoch, batches_done)
+        data.set_epoch(loader, epoch, batches_done)
         for x in loader:
             loss = model(x).square().mean()
             opt.zero_grad()
@@ -1576,7 +1605,7 @@ def _train_loader_steps(model, opt, sched, scaler, loader, epoch, batches_done, 
 
 
 def test_resume_mid_epoch_with_loader_is_bit_exact(tmp_path):
-    loader = wi.make_loader(_train_NoisyScans(), 2, train=True, seed=7)  # 4 batches per epoch
+    loader = data.make_loader(_train_NoisyScans(), 2, train=True, seed=7)  # 4 batches per epoch
     wi.seed_everything(0)
     straight = _train_build(0)
     _train_loader_steps(*straight, loader, 0, 0, 7)  # 1 epoch + 3 batches
@@ -1612,7 +1641,7 @@ def test_official_state_dict_strips_module_prefix():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# evaluation, loaders
+# 4.5 evaluation on all original points, loaders
 # ---------------------------------------------------------------------------------------------------------------
 def test_evaluate_confusion_on_all_original_points():
     # scan 0: 3 kept points predicted [0, 1, 2], 5 original points -> upsample [0, 0, 1, 2, 2]
@@ -1631,26 +1660,39 @@ def test_evaluate_confusion_on_all_original_points():
 
 
 def test_make_loader_orders_and_resume_skip():
-    data = list(range(10))
-    loader = wi.make_loader(data, 4, train=True, seed=5)
-    assert len(loader) == 2  # drop_last
+    """data.make_loader (every stage's loader): items (index, epoch), a seeded permutation per epoch cut into global
+    batches with drop_last (ScaLR's training loaders), mid-epoch resume by skipping whole batches, eval in order."""
+    def indices(batches):
+        return [[i for i, _ in b] for b in batches]
+    ten = _train_Echo(10)
+    loader = data.make_loader(ten, 4, train=True, seed=5, collate_fn=list)
+    assert len(loader) == 2  # 10 // 4: drop_last
     state = torch.get_rng_state()
-    wi.set_epoch(loader, 1)
-    full = [b.tolist() for b in loader]
+    data.set_epoch(loader, 1)
+    batches = list(loader)
+    full = indices(batches)
     assert torch.equal(state, torch.get_rng_state())  # the loader never touches the global torch RNG
-    wi.set_epoch(loader, 1, batches_done=1)
-    assert [b.tolist() for b in loader] == full[1:]
-    assert len(loader) == 2 and loader.sampler.remaining() == 6  # len stays the full epoch while resuming
-    wi.set_epoch(loader, 2)
-    assert [b.tolist() for b in loader] != full
-    val = wi.make_loader(data, 4, train=False)
-    assert [b.tolist() for b in val] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
-    shards = [list(wi.EpochSampler(10, shuffle=True, seed=1, rank=r, world_size=3, drop_last=False)) for r in range(3)]
+    assert all(e == 1 for b in batches for _, e in b)  # each item carries its epoch (the sample's seed)
+    assert len(set(sum(full, []))) == 8 and sorted(sum(full, [])) != list(range(8))  # shuffled, no repeat
+    expect = torch.randperm(10, generator=torch.Generator().manual_seed(5 + 1)).tolist()  # seed + epoch
+    assert full == [expect[:4], expect[4:8]]
+    data.set_epoch(loader, 1, batches_done=1)
+    assert indices(loader) == full[1:]
+    assert len(loader) == 2 and len(loader.sampler.indices()) == 4  # len stays the full epoch while resuming
+    data.set_epoch(loader, 2)
+    assert indices(loader) != full
+    val = data.make_loader(ten, 4, train=False, collate_fn=list)
+    assert indices(val) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    # 3 processes x 2 scans see the global batches of 1 process x 6 scans; eval: every scan exactly once
+    one = data.EpochSampler(10, 6, train=True, seed=1)
+    ranks = [data.EpochSampler(10, 6, train=True, seed=1, rank=r, world=3) for r in range(3)]
+    assert sorted(i for r in ranks for i in r.indices()) == sorted(one.indices()) and len(one.indices()) == 6
+    shards = [data.EpochSampler(10, 3, train=False, rank=r, world=3).indices() for r in range(3)]
     assert sorted(sum(shards, [])) == list(range(10))  # no padding, no duplicate
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# AMP, logging, NaN guard
+# 4.6 AMP, logging, NaN guard
 # ---------------------------------------------------------------------------------------------------------------
 def test_amp_context_and_scaler():
     a = torch.randn(4, 4)
@@ -1685,7 +1727,7 @@ def test_csv_log_resume_and_plot(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# DDP: two real gloo processes on CPU
+# 4.7 DDP: two real gloo processes on CPU (global batch split over ranks, gradients averaged)
 # ---------------------------------------------------------------------------------------------------------------
 def _train_ddp_worker(rank, port, out_dir):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE='2', MASTER_ADDR='127.0.0.1',
@@ -1694,8 +1736,8 @@ def _train_ddp_worker(rank, port, out_dir):
     r, world, device = wi.ddp_setup(device='cpu', timeout_s=60)
     summed = wi.all_reduce_sum(torch.tensor([rank + 1.0, 10.0]))
     cm = wi.all_reduce_sum(np.full((2, 2), rank + 1, dtype=np.int64))
-    loader = wi.make_loader(list(range(10)), 4, train=True, seed=0)
-    wi.set_epoch(loader, 0)
+    loader = data.make_loader(_train_Items(range(10)), 4, train=True, seed=0)
+    data.set_epoch(loader, 0)
     shard = [i for b in loader for i in b.tolist()]
     # DDP averages gradients: rank r sees x = r + 1, mean grad of w * x over ranks = 1.5
     torch.manual_seed(0)
@@ -1704,7 +1746,7 @@ def _train_ddp_worker(rank, port, out_dir):
     grad = wi.unwrap(model).weight.grad.item()
     # evaluate sums the confusion matrices of each rank's val shard
     scans = [([0, 1], [0, 1], [0, 1]), ([1], [0, 0], [1, 0]), ([2, 2], [0, 1], [2, 255])]
-    val = wi.make_loader(scans, 2, train=False, collate_fn=lambda s: _train_batch(s))
+    val = data.make_loader(_train_Items(scans), 2, train=False, collate_fn=lambda s: _train_batch(s))
     cm_eval = wi.evaluate(_train_ClassFromFeature(3), val, 3, device, progress=False)
     # training_state gathers every rank's RNG; restoring gives each rank its own stream back
     wi.seed_everything(100 + rank)
@@ -2477,7 +2519,7 @@ def _finetune_one_thread():
 
 
 def _finetune_main(argv):
-    """finetune.main from an empty working directory: no runs/distill*/model.pth of another session is found by
+    """finetune.main from an empty working directory: no runs/distill*/model.pth of an earlier run is found by
     default (it would lend its architecture and grid to --scratch runs)."""
     import tempfile
     with _finetune_one_thread(), tempfile.TemporaryDirectory() as empty, contextlib.chdir(empty):
@@ -2497,7 +2539,8 @@ def test_supp_b4_recipe_epochs_warmup_layer_decay():
     assert finetune.paper_recipe("nuscenes", 0.1) == (45, 4, 0.95)
     assert finetune.paper_recipe("nuscenes", 1.0) == (25, 2, 0.99)
     assert finetune.paper_recipe("semantic_kitti", 1.0) == (25, 2, 0.99)
-    # official KITTI 100 % config (ScaLR configs/downstream/semantic_kitti/WI_768_finetune_100p.yaml): 10 epochs, 1 warmup
+    # official KITTI 100 % config: 10 epochs, 1 warmup epoch
+    # (ScaLR configs/downstream/semantic_kitti/WI_768_finetune_100p.yaml)
     assert finetune.paper_recipe("semantic_kitti", 1.0, official_kitti_epochs=True) == (10, 1, 0.99)
     assert finetune.paper_recipe("nuscenes", 1.0, official_kitti_epochs=True) == (25, 2, 0.99)
 
@@ -3329,7 +3372,7 @@ def _flake(rho, phi, delta):
     return [rho * math.cos(phi), rho * math.sin(phi), rho * math.sin(delta)]
 
 
-# ---------------------------------------------------------------------------------------------- snow pieces
+# -------------------------------------------------------------------------- 10.1 snow: particles, occlusion, waveform
 def test_snow_dart_throwing_replays_the_official_sampler():
     """Literal transcription of LiDAR_snow_sim sampling.py dart_throwing (all-pairs overlap test, rng.uniform)
     against ours (cell-hash overlap test, rng.random): same disks, bit for bit."""
@@ -3504,7 +3547,7 @@ def test_snow_particle_maps_cached_on_disk(tiny_snow, tmp_path, monkeypatch, cap
     assert np.array_equal(er.snow_particle_maps(1)[5], maps[5]) and "regenerating" in capsys.readouterr().err
 
 
-# ---------------------------------------------------------------------------------------------- fog, wet
+# -------------------------------------------------------------------------- 10.2 fog, wet ground
 def test_fog_intensity_is_not_capped_at_255():
     pts = np.array([[60.0, 0.0, 0.0, 200.0, 16], [5.0, 0.0, -1.0, 10.0, 3]], np.float32)
     p, l = er.corrupt_fog(pts, np.array([28, 24], np.uint8), 3, np.random.default_rng(0), alpha=0.0)
@@ -3526,7 +3569,7 @@ def test_wet_ground_noise_floor_bin_is_the_first_least_populated_one(tmp_path):
         er.main(["generate", "--out", str(tmp_path / "x"), "--noise-floor-bin", "least_populated"])  # flag gone
 
 
-# ---------------------------------------------------------------------------------------------- honesty marks
+# ---------------------------------------------------------------- 10.3 parameters the sources leave open: marked unverified
 def test_unverified_parameters_marked_in_table_json_and_settable(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(er.PARAMS, "nuscenes", dict(er.PARAMS["nuscenes"]))
     cells = er.unverified_cells("nuscenes")
@@ -3564,7 +3607,7 @@ def test_table9_marks_recomputed_and_back_solved_rows(capsys):
     assert "by construction" in out[-1]
 
 
-# ---------------------------------------------------------------------------------------------- bad inputs
+# -------------------------------------------------------------------------- 10.4 bad input
 def _seg_ckpt(path, config):
     torch.manual_seed(0)
     model = wi.WaffleIron(5, 16, 1, 16, head="seg")
@@ -5071,7 +5114,7 @@ K = 16  # toy (nuScenes) classes
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Shared tiny world and helpers
+# 14.0 shared tiny world and helpers
 # ----------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny(toy4, tmp_path_factory):
@@ -5088,7 +5131,7 @@ def tiny(toy4, tmp_path_factory):
 
 @contextlib.contextmanager
 def _in_empty_dir(tmp_path):
-    """Run from a folder without runs/distill*/model.pth (no other session's checkpoint is picked by default)."""
+    """Run from a folder without runs/distill*/model.pth (no earlier run's checkpoint is picked by default)."""
     empty = tmp_path / "cwd"
     empty.mkdir(exist_ok=True)
     with contextlib.chdir(empty):
@@ -5156,7 +5199,7 @@ def _run_script(args):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Flags and defaults
+# 14.1 flags and defaults (Supp. B.3 on real data, the full-batch recipe on the toy)
 # ----------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("flag,value", [("--batch-size", "0"), ("--epochs", "0"), ("--max-iters", "-1"),
                                         ("--max-iters", "0"), ("--workers", "-1"), ("--lr", "0"),
@@ -5220,7 +5263,7 @@ def test_toy_default_architecture_is_the_distill_toy_preset(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The full-batch toy recipe
+# 14.2 the full-batch toy recipe
 # ----------------------------------------------------------------------------------------------------------------
 def test_full_batch_epoch_is_one_batch_of_every_cached_scan(tmp_path):
     src = probe.CachedFeatures.__new__(probe.CachedFeatures)  # the cache filled by hand instead of by a trunk
@@ -5288,7 +5331,7 @@ def test_probe_nan_loss_stops_before_the_update_and_keeps_the_last_checkpoint(tm
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# probe.py end to end on the tiny world: time line, existing runs, --resume, --ckpt files, --holdout
+# 14.3 probe.py end to end on the tiny world: time line, existing runs, --resume, --ckpt files, --holdout
 # ----------------------------------------------------------------------------------------------------------------
 def test_probe_end_line_times_and_existing_run_refused(tiny, tmp_path, capsys):
     out = tmp_path / "p"
@@ -5362,7 +5405,7 @@ def test_probe_holdout_scores_train_scans_left_out_of_training(tiny, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# finetune.py: --subset-file, model saved before the evaluation, unscorable val scans, --resume, NaN loss
+# 14.4 finetune.py: --subset-file, model saved before the evaluation, unscorable val scans, --resume, NaN loss
 # ----------------------------------------------------------------------------------------------------------------
 def test_finetune_subset_file_is_used_and_the_real_fraction_recorded(tiny, tmp_path):
     train_ds = data.get_dataset("toy", root=tiny["root"], split="train")
@@ -5462,7 +5505,7 @@ def test_finetune_nan_loss_stops_with_one_message(tiny, tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# A few one-line checks through the real command line
+# 14.5 a few one-line checks through the real command line
 # ----------------------------------------------------------------------------------------------------------------
 def test_command_line_bad_inputs_end_in_one_error_line(tiny, tmp_path):
     text = tmp_path / "model.pth"
@@ -5595,7 +5638,7 @@ def test_linear_head_as_matmul_equals_the_conv1d_module():
         torch.testing.assert_close(model(*inputs), model.classif(model.forward_features(*inputs)))
 
 
-# ---- bad checkpoints: one line naming the file ----
+# ---- 15.1 bad checkpoints: one line naming the file ----
 
 class _Boom:
     def __reduce__(self):
@@ -5644,7 +5687,7 @@ def test_bad_checkpoint_files_end_in_one_user_error_naming_the_file(tmp_path):
         wi.load_checkpoint(tmp_path / "absent.pth")
 
 
-# ---- save_checkpoint: full disk, killed saves ----
+# ---- 15.2 save_checkpoint: full disk, killed saves ----
 
 def _fake_full_disk(monkeypatch, exc):
     real_save = torch.save
@@ -5688,7 +5731,7 @@ def test_save_checkpoint_removes_temp_files_of_a_killed_save(tmp_path):
     assert wi.load_training_checkpoint(path)["iteration"] == 1
 
 
-# ---- the features CLI ----
+# ---- 15.3 the features command: bad scans, flags, devices ----
 
 def test_features_cli_bad_scans_flags_and_devices(tmp_path, capsys):
     _, ckpt = _model_tiny_checkpoint(tmp_path)
