@@ -5,7 +5,7 @@ This file is the ground every stage stands on; its sections, in order:
   [data] Constants, class maps, splits    class names and raw->K maps (ScaLR datasets/*_for_scalr.py, Supp. B.1),
                                           intensity stats, splits, GridConfig / grid_config (ScaLR configs/)
   [data] Readers of the native layouts    nuScenes (JSON tables, lidarseg), SemanticKITTI, PandaSet (pkl.gz,
-                                          poses, GPS split), KITTI object, merged (Supp. B.2); 1 %/10 % subsets
+                                          poses, GPS split), merged (Supp. B.2); 1 %/10 % subsets
   [data] Camera projections               lidar -> pixel (u = column, v = row) + depth (ScaLR datasets/*_for_scalr.py)
   [data] Point preprocessing              voxelize, crop, features, cells, kNN, augmentations, prepare_scan
                                           (ScaLR datasets/pc_dataset.py, utils/transforms.py)
@@ -972,86 +972,15 @@ class SemanticKitti(_LidarDataset):
         return dict(out, image_path=path, hw=hw)
 
 
-class KittiObject(_LidarDataset):
-    """KITTI 3D object layout (training/{velodyne,image_2,calib,label_2}); used to check projections."""
-    name = "semantic_kitti"  # same sensor, same intensity units
-
-    def __init__(self, root):
-        self.root = Path(root)
-        if not (self.root / "velodyne").is_dir():
-            raise MissingDataFileError("no velodyne/ folder", self.root, "pass the kitti_object/training folder")
-        self.ids = sorted(p.stem for p in (self.root / "velodyne").glob("*.bin"))
-        self.cameras, self.has_labels = list(KITTI_CAMERAS), False
-
-    def __len__(self):
-        return len(self.ids)
-
-    def scan_id(self, i):
-        return self.ids[i]
-
-    def scan_cameras(self, i):
-        return list(KITTI_CAMERAS)
-
-    def scan_file(self, i):
-        return self.root / "velodyne" / f"{self.ids[i]}.bin"
-
-    def _read_points(self, i):
-        return _read_records(self.scan_file(i), np.float32, 4, "KITTI velodyne")
-
-    def calib(self, i):
-        return read_kitti_calib(self.root / "calib" / f"{self.ids[i]}.txt", need=("P2", "R0_rect", "Tr_velo_to_cam"))
-
-    def image_path(self, i, cam="image_2"):
-        return str(self.root / cam / f"{self.ids[i]}.png")
-
-    def project(self, i, cam="image_2", min_depth=1.0):
-        path = self.image_path(i, cam)
-        hw = _image_hw(path)
-        out = project_with_matrix(self.points(i)[:, :3], kitti_lidar_to_image(self.calib(i)), hw, min_depth,
-                                  lo=0.0, hi=1.0)
-        return dict(out, image_path=path, hw=hw)
-
-    def boxes(self, i):
-        """label_2 objects: type, bbox (x1,y1,x2,y2) px, hwl m, xyz (bottom centre, rect. camera) m, ry rad."""
-        out = []
-        path = self.root / "label_2" / f"{self.ids[i]}.txt"
-        if not path.is_file():
-            raise MissingDataFileError("KITTI label_2 file not found", path, "extract the KITTI object labels")
-        for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
-            f = line.split()
-            if len(f) >= 15:
-                try:
-                    v = [float(x) for x in f[1:15]]
-                except ValueError:
-                    raise DataFileError(f"KITTI label_2 line {n} has a non-numeric field", path,
-                                        "re-extract the KITTI object labels") from None
-                out.append(dict(type=f[0], bbox=np.array(v[3:7]), hwl=np.array(v[7:10]), xyz=np.array(v[10:13]),
-                                ry=v[13]))
-        return out
-
-    def points_in_box(self, i, box):
-        """bool (N,): lidar points inside a label_2 3D box (velo -> rect. camera, then the box frame)."""
-        c = self.calib(i)
-        Tr = np.eye(4)
-        Tr[:3] = c["Tr_velo_to_cam"].reshape(3, 4)
-        R0 = np.eye(4)
-        R0[:3, :3] = c["R0_rect"].reshape(3, 3)
-        cam = apply_transform(R0 @ Tr, self.points(i)[:, :3]) - box["xyz"]  # (N, 3) rel. to bottom centre
-        cos, sin = math.cos(box["ry"]), math.sin(box["ry"])
-        x = cos * cam[:, 0] - sin * cam[:, 2]  # rotate by -ry about the camera y axis
-        z = sin * cam[:, 0] + cos * cam[:, 2]
-        h, w, l = box["hwl"]
-        return (np.abs(x) <= l / 2) & (np.abs(z) <= w / 2) & (cam[:, 1] <= 0) & (cam[:, 1] >= -h)
-
-_POSE_KEYS = ("position.x", "position.y", "position.z", "heading.w", "heading.x", "heading.y", "heading.z")
-_PANDASET_TODO = "re-download or re-extract this PandaSet sequence"
-
-
 def _pose_matrix(pose):
     """PandaSet {'position': {x,y,z}, 'heading': {w,x,y,z}} -> 4x4 sensor-to-world (float64)."""
     q = pose["heading"]
     t = pose["position"]
     return make_transform(quaternion_to_matrix([q["w"], q["x"], q["y"], q["z"]]), [t["x"], t["y"], t["z"]])
+
+
+_POSE_KEYS = ("position.x", "position.y", "position.z", "heading.w", "heading.x", "heading.y", "heading.z")
+_PANDASET_TODO = "re-download or re-extract this PandaSet sequence"
 
 
 def _read_json(path, what, index=None, keys=()):

@@ -1191,51 +1191,6 @@ def fit_state_dict(state_dict, vit, family):
     return meta_to_timm(state_dict, vit), {}, []  # dino, dinov2
 
 
-def timm_to_meta(state_dict, family='dinov2'):
-    """Inverse naming (used by the tests to build a Meta-style file from a timm model's state dict).
-
-    dinov2: fc1/fc2 of SwiGLU -> w12/w3, + mask_token. dinov2_reg: + register_tokens, a 1 + S*S table whose first
-    row (the CLS position) is folded out of cls_token again. dinov3: reg_token -> storage_tokens, gamma_1/2 ->
-    ls1/ls2.gamma, q/k/v biases -> qkv.bias + bias_mask (k masked), fc1_g/fc1_x/fc2 -> w1/w2/w3, + the RoPE periods
-    in bf16 (rope_embed.periods) and mask_token."""
-    sd = {k: v.clone() for k, v in state_dict.items()}
-    if family == 'dinov3':
-        return _timm_to_meta_dinov3(sd)
-    swiglu = any(k.endswith('mlp.fc1.weight') and v.shape[0] == 2 * sd[k.replace('fc1', 'fc2')].shape[1]
-                 for k, v in sd.items())
-    out = {}
-    for k, v in sd.items():
-        if swiglu:
-            k = k.replace('.mlp.fc1.', '.mlp.w12.').replace('.mlp.fc2.', '.mlp.w3.')
-        out[k] = v
-    out['mask_token'] = torch.zeros(1, sd['cls_token'].shape[-1])
-    if family == 'dinov2_reg':
-        out['register_tokens'] = out.pop('reg_token')
-        cls_pos = 0.01 * torch.arange(sd['cls_token'].shape[-1], dtype=torch.float32).view(1, 1, -1)
-        out['pos_embed'] = torch.cat([cls_pos, out['pos_embed']], dim=1)  # Meta: (1, 1 + S*S, C)
-        out['cls_token'] = out['cls_token'] - cls_pos
-    return out
-
-
-def _timm_to_meta_dinov3(sd):
-    out = {'mask_token': torch.zeros(1, sd['cls_token'].shape[-1])}
-    for k, v in sd.items():
-        if k.endswith('.attn.q_bias'):
-            base = k[:-len('q_bias')]
-            k_bias = torch.randn_like(v)  # any value: Meta's bias_mask zeroes it (so must we)
-            out[base + 'qkv.bias'] = torch.cat([v, k_bias, sd[base + 'v_bias']])
-            out[base + 'qkv.bias_mask'] = torch.cat([torch.ones_like(v), torch.zeros_like(v), torch.ones_like(v)])
-            continue
-        if k.endswith(('.attn.v_bias', '.attn.k_bias')):
-            continue
-        k = k.replace('reg_token', 'storage_tokens').replace('gamma_1', 'ls1.gamma').replace('gamma_2', 'ls2.gamma')
-        out[k.replace('.mlp.fc1_g.', '.mlp.w1.').replace('.mlp.fc1_x.', '.mlp.w2.').replace('.mlp.fc2.',
-                                                                                            '.mlp.w3.')] = v
-    if not any('.mlp.w1.' in k for k in out):  # plain MLP: Meta's Mlp is fc1 / fc2 like timm's
-        out = {k.replace('.mlp.w3.', '.mlp.fc2.'): v for k, v in out.items()}
-    return out
-
-
 def read_weights_file(path, name):
     """torch.load (weights_only: no code runs) a .pth, or safetensors a .safetensors; one clear error otherwise."""
     path = Path(path)

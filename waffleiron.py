@@ -829,24 +829,6 @@ def warmup_cosine(it, warmup, total, min_ratio=0.0):
     return min_ratio + 0.5 * (1.0 - min_ratio) * (1.0 + math.cos(math.pi * progress))
 
 
-def rsqrt_schedule(it, warmup, cooldown_start, timescale, total):
-    """ScaLR+ pretraining factor (LinWarmup_ReciprocalSqrt_LinCoolDown of ScaLR+ utils/scheduler.py): warmup W,
-    reciprocal square root with timescale tau, linear cooldown from C to T (all in iterations; ScaLR+ uses W = 1
-    epoch, C = 63 epochs, tau = 0.45 epoch, T = 65 epochs: ScaLR configs/pretrain/WI_768-ScaLR_plus.yaml)."""
-    # ScaLR+ utils/scheduler.py:  it <= W:  f = it / W
-    if it <= warmup:
-        return it / warmup if warmup > 0 else 1.0
-    # ScaLR+ utils/scheduler.py:  W < it <= C:  f = 1 / sqrt(1 + (it - W) / tau)
-    if it <= cooldown_start:
-        return 1.0 / math.sqrt(1.0 + (it - warmup) / timescale)
-    # ScaLR+ utils/scheduler.py:  C < it < T:  f = [1 / sqrt(1 + C / tau)] (T - it - 1) / (T - C - 1)
-    # (official quirk kept on purpose: C / tau, not (C - W) / tau, so f drops a little at C)
-    if it < total:
-        start = 1.0 / math.sqrt(1.0 + cooldown_start / timescale)
-        return start * (total - it - 1) / max(1, total - cooldown_start - 1)
-    return 0.0  # ScaLR+ utils/scheduler.py: it >= T
-
-
 class WarmupCosine:
     """Picklable LR factor for LambdaLR: an object (not a lambda) so LambdaLR.state_dict() stores its parameters."""
 
@@ -857,48 +839,21 @@ class WarmupCosine:
         return warmup_cosine(it, self.warmup, self.total, self.min_ratio)
 
 
-class WarmupRsqrt:
-    """Picklable ScaLR+ factor (ScaLR+ utils/scheduler.py) for LambdaLR."""
-
-    def __init__(self, warmup, cooldown_start, timescale, total):
-        self.warmup, self.cooldown_start = int(warmup), int(cooldown_start)
-        self.timescale, self.total = float(timescale), int(total)
-
-    def __call__(self, it):
-        return rsqrt_schedule(it, self.warmup, self.cooldown_start, self.timescale, self.total)
-
-
-def make_scheduler(optimizer, warmup_iters, total_iters, min_lr=0.0, base_lr=None, schedule='cosine',
-                   cooldown_start=None, timescale=None, min_lr_per_group=False):
+def make_scheduler(optimizer, warmup_iters, total_iters, min_lr=0.0, base_lr=None):
     """LambdaLR stepped once per iteration (ScaLR utils/finetuner.py); the first step is taken with lr = 0.
 
-    Call `scheduler.step()` right after each `optimizer.step()`. The factor multiplies each group's own initial lr.
-    cosine (ScaLR): m = min_lr / base_lr with ONE global base_lr, as the official code (m = min_lr / lr, lr = the
-      config lr).
-      Under layer decay (Supp. B.4) group g starts at scale_g * lr and therefore ends at scale_g * min_lr; only the
-      head (scale 1) ends exactly at min_lr. base_lr defaults to the largest group lr, i.e. the config lr (the head
-      has scale 1). `min_lr_per_group=True` uses m_g = min_lr / lr_g instead (every group ends at min_lr). FT uses
-      min_lr = 0 (ScaLR configs/downstream/*/WI_768_finetune_*.yaml), where both choices are identical.
-    rsqrt (ScaLR+ utils/scheduler.py): needs `cooldown_start` and `timescale` in iterations; min_lr/base_lr
-    unused."""
+    Call `scheduler.step()` right after each `optimizer.step()`. The factor multiplies each group's own initial lr:
+    linear warmup, then cosine to m = min_lr / base_lr with ONE global base_lr, as the official code (m = min_lr /
+    lr, lr = the config lr). Under layer decay (Supp. B.4) group g starts at scale_g * lr and therefore ends at
+    scale_g * min_lr; only the head (scale 1) ends exactly at min_lr. base_lr defaults to the largest group lr, i.e.
+    the config lr (the head has scale 1). Finetuning uses min_lr = 0 (ScaLR configs/downstream/*/WI_768_finetune_*
+    .yaml), where the choice does not matter."""
     if total_iters < 1 or warmup_iters < 0:
         raise ValueError(f"make_scheduler: need total_iters >= 1 and warmup_iters >= 0, "
                          f"got {total_iters}, {warmup_iters}")
     group_lrs = [g.get('initial_lr', g['lr']) for g in optimizer.param_groups]  # (fresh optimizer: its lr)
-    if schedule == 'cosine':
-        if min_lr_per_group:
-            factor = [WarmupCosine(warmup_iters, total_iters, min_lr / lr if lr > 0 else 0.0) for lr in group_lrs]
-        else:
-            base = max(group_lrs) if base_lr is None else base_lr
-            factor = WarmupCosine(warmup_iters, total_iters, min_lr / base if base > 0 else 0.0)
-    elif schedule == 'rsqrt':
-        if cooldown_start is None or timescale is None:
-            raise ValueError("make_scheduler(schedule='rsqrt') needs cooldown_start and timescale in iterations "
-                             "(ScaLR configs/pretrain/WI_768-ScaLR_plus.yaml: C = 63 epochs, tau = 0.45 epoch "
-                             "for 65 epochs)")
-        factor = WarmupRsqrt(warmup_iters, cooldown_start, timescale, total_iters)
-    else:
-        raise ValueError(f"unknown schedule {schedule!r}: use 'cosine' (ScaLR) or 'rsqrt' (ScaLR+)")
+    base = max(group_lrs) if base_lr is None else base_lr
+    factor = WarmupCosine(warmup_iters, total_iters, min_lr / base if base > 0 else 0.0)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
