@@ -1440,11 +1440,12 @@ def main_evaluate(argv):
                                                                          "finetune.py) or fix the path")
     out = wi.prepare_run_dir(a.out or f"runs/robust_{a.data}", flag="--out")  # writable before the evaluation
     SNOW["cache_dir"] = out
+    # the checkpoint is checked before any data is read (a wrong file fails in a second, not after the data)
+    model, cfg = load_finetuned(a.ckpt, a.data, len(data.CLASS_NAMES[data.label_space(a.data)]), a.cell, a.knn)
     ds = _load_dataset(a)
     fmt = corruption_format(ds)
-    if a.corruptions_root is not None:  # fail before loading a model
+    if a.corruptions_root is not None:
         check_corruptions_root(a.corruptions_root, corruptions, severities, fmt)
-    model, cfg = load_finetuned(a.ckpt, a.data, len(ds.class_names), a.cell, a.knn)
     model = model.to(device)
     results = run_evaluation(model, ds, cfg, corruptions, severities, a.corruptions_root, a.seed, device, a.amp,
                              a.batch_size, a.workers, a.max_scans)
