@@ -801,15 +801,13 @@ def _add_model_schedule_loss_flags(a):
       help='InfoNCE: paired points sampled per batch and rank, the negatives of each other (exercise a; SLidR: 4096)')
     a('--cameras', default='one', choices=['one', 'all'],
       help='one = one random camera per scan and iteration (ScaLR datasets/im_pc_dataset.py); all = every image '
-           'of the scan, '
-           'as Supp. E suggests ("from 1 to 6"; exercise b)')
+           'of the scan, as Supp. E suggests ("from 1 to 6"; exercise b)')
     a('--knn', type=data.positive_int, default=None,
       help='neighbours k of the point embedding (default 16, as ScaLR datasets/pc_dataset.py: 17 nearest, the point '
            'itself dropped; exercise c); stored in model.pth')
     a('--cell', type=data.positive_float, default=None,
       help='grid cell size in metres over the same FOV (default: 0.5 m as the official configs; toy world 1 m; '
-           'exercise d); '
-           'stored in model.pth, probe.py / finetune.py reuse it')
+           'exercise d); stored in model.pth, probe.py / finetune.py reuse it')
 
 
 def _add_run_flags(a):
