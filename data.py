@@ -4,6 +4,8 @@ ScaLR (CVPR 2024) distils image features (DINOv2) into a lidar backbone (WaffleI
 This file is the ground every stage stands on; its sections, in order:
   [data] Constants, class maps, splits    class names and raw->K maps (ScaLR datasets/*_for_scalr.py, Supp. B.1),
                                           intensity stats, splits, GridConfig / grid_config (ScaLR configs/)
+  [data] Bad input                        UserError and run_main: one `error:` line and exit status 2 for every
+                                          script; the argparse value types; HelpFormatter
   [data] Readers of the native layouts    nuScenes (JSON tables, lidarseg), SemanticKITTI, PandaSet (pkl.gz,
                                           poses, GPS split), merged (Supp. B.2); 1 %/10 % subsets
   [data] Camera projections               lidar -> pixel (u = column, v = row) + depth (ScaLR datasets/*_for_scalr.py)
@@ -15,7 +17,7 @@ This file is the ground every stage stands on; its sections, in order:
   [data] Preprocessing on the device      the same voxelisation, crop, cells and kNN in torch, for a whole batch
   [data] Benchmark and CLI                --bench, --make-toy, inspect / splits / subset commands
   Appendix [toy]: the embedded toy world  procedural streets written as nuScenes / SemanticKITTI files (used only
-                                          through get_dataset('toy'))
+                                          through get_dataset('toy') and the CLI)
 
 Commands:
   python data.py --make-toy data/toy                       # toy world (nuscenes/ + semantic_kitti/)
@@ -286,11 +288,17 @@ class GridConfig:
         return cls(fov_min=tuple(-h for h in half), fov_max=tuple(half), grids=grids, **kw)
 
 
+def is_toy(name, root=None):
+    """The one rule for "this run is on the embedded toy world": --data toy / toy_kitti, or merged without --root
+    (toy nuScenes + toy KITTI, pillar 3 in miniature). Every toy default (grid, budget, architecture) keys on it."""
+    return name in ("toy", "toy_kitti") or (name == "merged" and root is None)
+
+
 def grid_config(dataset, stage="pretrain"):
     """Official FOV/grid for a dataset and stage ('pretrain' | 'probe' | 'finetune'), ScaLR configs/."""
     if stage not in ("pretrain", "probe", "finetune"):
         raise ValueError(f"stage must be pretrain, probe or finetune, got {stage!r}")
-    if dataset in ("toy", "toy_kitti", "toy_merged"):
+    if is_toy(dataset):
         # The toy world (not in the paper): same +-64 m x +-8 m FOV, 1 m cells instead of 0.5 m, so that the
         # depthwise convolutions of the spatial mixing (the CPU bottleneck) cost 4x less on a 2-core machine.
         return GridConfig.from_string("64,64,8:1.0")  # [128,128],[128,16],[128,16]
@@ -1258,7 +1266,7 @@ def get_dataset(name, root=None, split="train", version=None, split_file=None, s
         raise SettingError(f"unknown dataset {name!r}", "--data", f"valid names: {', '.join(DATASET_NAMES)}")
     if split not in SPLIT_NAMES and split_file is None:  # a --split-file may name its own splits
         raise SettingError(f"unknown split {split!r}", "--split", f"use one of {', '.join(SPLIT_NAMES)}")
-    if name in ("toy", "toy_kitti") or (name == "merged" and root is None):
+    if is_toy(name, root):
         root = Path(root) if root is not None else TOY_DEFAULT_ROOT
         ensure_toy(root)  # [toy] section: generates the toy world with a progress bar if missing
         if name == "toy":
@@ -1685,7 +1693,7 @@ class ScoredBatches:
                 yield batch
 
 
-# ==== [data] Loaders: one sampler and one DataLoader recipe for every stage ====
+# ==== [data] Loaders: one sampler for training and evaluation in every stage ====
 def _rank_world():
     """(rank, world size) of this process: (0, 1) outside torch.distributed."""
     import torch.distributed as dist
@@ -1792,7 +1800,6 @@ def mean_iou(cm):
 # are concatenated, P = sum of the per-scan counts, with a scan index `batch` (P,) next to them.
 # The kNN is an exact brute force (distances of a chunk of queries to every point, then topk): made for a GPU; on a
 # CPU it is far slower than the cKDTree, which stays the CPU choice (`python data.py --bench` times both).
-# Also here: KnnCache, the per-scan kNN cache of the pretraining stage (see its docstring for why it is exact).
 
 
 def _torch():
@@ -1893,14 +1900,6 @@ def knn_t(xyz_pad, sizes, k=16, chunk=None):
     return torch.where(real[:, None, :], out, torch.full_like(out, nmax - 1))
 
 
-def nearest_t(query, ref, chunk=4096):
-    """nearest_indices() in torch: query (Nq, 3), ref (Nr, 3) -> (Nq,) int64 index of the nearest ref point."""
-    torch = _torch()
-    out = [torch.cdist(query[s:s + chunk][None].float(), ref[None].float(),
-                       compute_mode="donot_use_mm_for_euclid_dist")[0].argmin(1) for s in range(0, len(query), chunk)]
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64, device=query.device)
-
-
 def scan_pc8(points, dataset_name):
     """(N, 8) float32 [x, y, z | i_norm, x, y, z, r] of a raw scan, as prepare_scan builds it (CPU, cheap: the
     DataLoader worker's only arithmetic in the device path; the norm stays in numpy so the bytes are the same)."""
@@ -1965,137 +1964,6 @@ def add_cells_neighbors_t(batch, cfg, device):
     out["cells"] = pad_points_t(cell_indices_t(xyz, cfg).T, b, sizes).transpose(1, 2)  # (B, 3, Nmax), pad 0
     out["neighbors"] = knn_t(pad_points_t(xyz, b, sizes), sizes, cfg.k)  # (B, k, Nmax), pad Nmax - 1
     return out
-
-
-def collate_t(samples, cfg, device):
-    """collate() with cells and neighbours computed on `device`: collate_light + add_cells_neighbors_t."""
-    return add_cells_neighbors_t(collate_light(samples), cfg, device)
-
-
-def prepare_batch_t(points, dataset_names, cfg, train, rngs=None, labels=None, device="cpu"):
-    """prepare_scan() + collate() of B raw scans in one go on `device`, the official downstream order: voxelize ->
-    (train) limit points + augment -> FOV crop -> cells -> kNN -> (eval) 1-NN upsample index of every original
-    row. points: list of (N_b, >= 4) arrays; dataset_names: one name or one per scan; rngs: one
-    np.random.Generator per scan (train), drawn in prepare_scan's order, so the same seeds give the same batch."""
-    torch = _torch()
-    names = [dataset_names] * len(points) if isinstance(dataset_names, str) else list(dataset_names)
-    pc8 = [scan_pc8(p, n) for p, n in zip(points, names)]  # CPU: (N_b, 8) each
-    n_raw = torch.tensor([len(p) for p in pc8])
-    start = (torch.cumsum(n_raw, 0) - n_raw).tolist()
-    pc = torch.from_numpy(np.concatenate(pc8)).to(device)  # (P, 8)
-    batch = torch.repeat_interleave(torch.arange(len(pc8)), n_raw).to(device)
-    order = None
-    if train:  # voxelize(rng): a random permutation of each scan first
-        order = torch.from_numpy(np.concatenate([rng.permutation(len(p)) + s for p, rng, s in zip(pc8, rngs, start)]))
-    kept = voxelize_t(pc[:, :3], batch, cfg.voxel, order)  # (K,) global rows, sorted (scan-major)
-    vals = _train_draws_t(pc, batch, kept, rngs, cfg) if train else (kept, pc[kept])
-    inside = fov_mask_t(vals[1][:, :3], cfg)
-    kept, p = vals[0][inside], vals[1][inside]  # (M,), (M, 8)
-    b = batch[kept]
-    sizes = torch.bincount(b, minlength=len(pc8))
-    if bool((sizes == 0).any()):
-        raise ValueError(f"no point of scan {int((sizes == 0).nonzero()[0])} lies inside the FOV "
-                         f"{cfg.fov_min}..{cfg.fov_max}")
-    out = dict(feat=pad_points_t(p[:, 3:], b, sizes).transpose(1, 2),  # (B, 5, Nmax)
-               cells=pad_points_t(cell_indices_t(p[:, :3], cfg).T, b, sizes).transpose(1, 2),  # (B, 3, Nmax)
-               neighbors=knn_t(pad_points_t(p[:, :3], b, sizes), sizes, cfg.k),  # (B, k, Nmax)
-               occupied=pad_points_t(torch.ones_like(b, dtype=torch.bool), b, sizes, fill=False),
-               num_points=sizes)
-    local = kept - torch.tensor(start, device=kept.device)[b]  # row inside its own scan
-    out["kept"] = list(local.split(sizes.tolist()))
-    out["xyz"] = list(p[:, :3].split(sizes.tolist()))
-    if labels is not None:
-        out["labels"] = torch.cat([torch.as_tensor(np.asarray(lab, np.int64)).to(device)[k]
-                                   for lab, k in zip(labels, out["kept"])])
-    out["upsample"] = ([torch.arange(len(k), device=kept.device) for k in out["kept"]] if train else
-                       [nearest_t(pc[s:s + n, :3], x) for s, n, x in zip(start, n_raw.tolist(), out["xyz"])])
-    return out
-
-
-class RawScanDataset(SegmentationDataset):
-    """The --preprocess-on device twin of SegmentationDataset: items are the RAW scan (points, labels, dataset
-    name, scan id) and the seed of its train randomness, the same (seed, epoch, j) as SegmentationDataset's, so
-    both give the same batch; prepare_raw_batch_t does the rest on the device."""
-
-    def __getitem__(self, item):  # same checks, same labelled-scan list and same draws as SegmentationDataset
-        i, sub, k, labels, seed = self.raw_item(item)
-        return dict(points=sub.points(k), labels=labels, name=sub.name, scan_id=self.ds.scan_id(i), seed=seed)
-
-
-def raw_collate(items):
-    """List of RawScanDataset items -> dict of lists (the DataLoader's collate_fn in the device path)."""
-    return {key: [it[key] for it in items] for key in items[0]}
-
-
-def prepare_raw_batch_t(raw, cfg, train, device):
-    """raw_collate batch -> the batch collate(SegmentationDataset items) would give, computed on `device`
-    (prepare_batch_t), with 'orig_labels' and 'scan_id' as SegmentationDataset adds them."""
-    rngs = [np.random.default_rng(s) for s in raw["seed"]] if train else None
-    out = prepare_batch_t(raw["points"], raw["name"], cfg, train, rngs=rngs, labels=raw["labels"], device=device)
-    torch = _torch()
-    out["orig_labels"] = [torch.as_tensor(np.asarray(lab)) for lab in raw["labels"]]
-    out["scan_id"] = list(raw["scan_id"])
-    return out
-
-
-class KnnCache:
-    """Per-scan cache for the pretraining kNN: the k'-NN graph of ALL raw rows of a scan, computed once, from which
-    the k-NN graph of the points a training sample keeps is read without a new tree, exactly (up to ties).
-
-    Why a graph of the final points cannot be cached by scan index: the sample's point set is re-drawn at every
-    iteration (one random point per voxel, a random camera, a random crop centre before the augmentation; the FOV
-    crop after it). What does not change is the geometry of the raw rows: the augmentation (rotation about z,
-    flip, scale, Supp. B.2) is a similarity, |A p - A q| = s |p - q|, so it keeps every neighbour ranking, and the
-    k nearest of p among a subset S of the rows are the first k members of S in p's neighbour list over all rows,
-    provided that list holds >= k of them (a closer member of S would be earlier in the list). Points whose list
-    holds fewer (at the edge of the camera's view) are queried exactly, on a tree of S.
-    max_scans bounds the memory (k' int32 per raw row and cached scan; oldest scan dropped first)."""
-
-    def __init__(self, k_cache=32, max_scans=256):
-        self.k_cache, self.max_scans, self.graphs = int(k_cache), int(max_scans), {}
-        self.hits = self.fallback_points = self.points = 0
-
-    def _graph(self, key, raw_xyz):
-        """(N, k') int32 neighbours of every raw row (self removed), nearest first."""
-        if key not in self.graphs:
-            if len(self.graphs) >= self.max_scans:
-                self.graphs.pop(next(iter(self.graphs)))
-            from scipy.spatial import cKDTree
-            xyz = np.asarray(raw_xyz, np.float64)
-            kq = min(self.k_cache + 1, len(xyz))
-            _, idx = cKDTree(xyz, leafsize=32, balanced_tree=False, compact_nodes=False).query(xyz, k=kq, workers=1)
-            idx = np.asarray(idx, np.int64).reshape(len(xyz), kq)
-            is_self = idx == np.arange(len(xyz))[:, None]  # self moved last (stable), then dropped
-            idx = np.take_along_axis(idx, np.argsort(is_self, axis=1, kind="stable"), axis=1)[:, :kq - 1]
-            self.graphs[key] = idx.astype(np.int32)
-        else:
-            self.hits += 1
-        return self.graphs[key]
-
-    def neighbors(self, key, raw_xyz, rows, k=16):
-        """(k, M) int64, = knn_indices(any similarity transform of raw_xyz[rows], k) up to ties. key: the scan
-        (e.g. its index), raw_xyz (N, 3) all its rows (un-augmented), rows (M,) the kept rows, distinct."""
-        rows = np.asarray(rows, np.int64)
-        M = len(rows)
-        pos = np.full(len(raw_xyz), -1, np.int64)
-        pos[rows] = np.arange(M)
-        cand = pos[self._graph(key, raw_xyz)[rows]]  # (M, k') neighbours as positions in the sample, -1: not kept
-        valid = cand >= 0
-        take = valid & (np.cumsum(valid, axis=1) <= k)  # the first k kept neighbours of each point
-        full = take.sum(1) == k  # (M,) rows fully answered by the cached list
-        out = np.empty((M, k), np.int64)
-        out[full] = cand[full][take[full]].reshape(-1, k)
-        short = np.nonzero(~full)[0]
-        if len(short):  # exact query, as knn_indices: k + 1 nearest on a tree of the sample, self dropped
-            from scipy.spatial import cKDTree
-            xyz = np.asarray(raw_xyz, np.float64)[rows]
-            kq = min(k + 1, M)
-            _, idx = cKDTree(xyz, leafsize=32, balanced_tree=False, compact_nodes=False).query(xyz[short], k=kq,
-                                                                                               workers=1)
-            idx = np.asarray(idx, np.int64).reshape(len(short), kq)[:, 1:]
-            out[short] = np.concatenate([idx, np.repeat(short[:, None], k + 1 - kq, 1)], 1)  # <= k points: self
-        self.points, self.fallback_points = self.points + M, self.fallback_points + len(short)
-        return np.ascontiguousarray(out.T)
 
 
 def _time_ms(fn, repeats, sync=lambda: None, warmup=True):
@@ -2375,9 +2243,9 @@ def main(argv=None):
     p.add_argument("--bench", action="store_true", help="time each preprocessing step on 20k / 35k point scans")
     p.add_argument("--make-toy", metavar="DIR", default=None, help="write the toy world (nuscenes/ + "
                                                                     "semantic_kitti/) into DIR")
-    p.add_argument("--scans", type=positive_int, default=None, help="toy: number of scans (default: the [toy] "
-                                                                     "default)")
-    p.add_argument("--seed", type=nonneg_int, default=None, help="toy: random seed (default: the [toy] default)")
+    p.add_argument("--scans", type=positive_int, default=None,
+                   help="toy: nuScenes keyframes (default 64 = 48 train + 16 val; KITTI gets half + a quarter)")
+    p.add_argument("--seed", type=nonneg_int, default=None, help="toy: random seed (default 0)")
     p.add_argument("--toy-preview", metavar="PNG", default=None,
                    help="draw README's toy picture (docs/toy_scan.png): a toy val scan by class, beside its front "
                         "camera with the projected points (toy world from --root, generated if missing)")

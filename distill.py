@@ -6,7 +6,7 @@ utils/scheduler.py for the schedule) is summarised in docs/official.md §2. No l
 scan ONE camera image is picked at random, the points visible in it are fed to the student (WaffleIron + head) and
 its output at each point is pulled towards the frozen image teacher's feature at the point's pixel with Eq. (1).
 
-    # toy world on CPU, a few minutes (tiny random-init DINOv2 teacher unless --teacher-weights is given)
+    # toy world on CPU, ~10 min on 2 cores (tiny random-init DINOv2 teacher unless --teacher-weights is given)
     python distill.py
     # Supp. B.2 mono-dataset setting: WI-48-256 on nuScenes, 19 epochs, batch 16, DINOv2 ViT-L/14 (Meta .pth)
     python distill.py --data nuscenes --root /data/nuscenes --version v1.0-trainval --preset mono \
@@ -416,7 +416,7 @@ def main(argv=None):
     try:
         train(run, p)
     except FloatingPointError as e:  # NaN/inf loss: one line naming the last good checkpoint
-        raise SystemExit(f'error: {e}')
+        raise SystemExit(wi.diverged_message(e, run.out)) from None
     save_state(run, p)  # model.pth BEFORE the plot and the report: a late failure loses nothing
     report(run, p)
     wi.ddp_cleanup()
@@ -690,7 +690,7 @@ def preset_epochs(preset, data_key, n_scans):
 
 def is_toy(args):
     """The embedded toy world: --data toy / toy_kitti, or merged without --root (toy nuScenes + toy KITTI)."""
-    return args.data in ('toy', 'toy_kitti') or (args.data == 'merged' and args.root is None)
+    return data.is_toy(args.data, args.root)
 
 
 def resolve_budget(args, names, n_scans, world=1):
@@ -728,7 +728,9 @@ def _add_data_and_teacher_flags(a):
     """--data ... --antialias: what is distilled from what."""
     a('--data', default='toy', choices=data.DATASET_NAMES, help='pretraining data (toy = embedded toy nuScenes)')
     a('--root', default=None, help='dataset root (toy: data/toy, generated if missing)')
-    a('--version', default=None, help='nuScenes version, e.g. v1.0-trainval (data.py default if unset)')
+    a('--version', default=None,
+      help='nuScenes version (default: the first of v1.0-trainval, v1.0-mini, v1.0-test found under '
+           '--root; toy: v1.0-mini)')
     a('--merged-sets', default=None,
       help='--data merged: comma-separated subset of nuscenes,semantic_kitti,pandaset64,pandasetgt (default: every '
            'dataset folder found under --root; Supp. B.2 multi-dataset: all four)')
@@ -758,14 +760,15 @@ def _add_model_schedule_loss_flags(a):
       help='3D head: linear Conv1d (released ScaLR; default with one teacher) or the Supp. B.2 MLP (default with '
            'several teachers)')
     a('--preset', default=None, choices=list(PRESETS),
-      help='Supp. B.2 schedule: toy (default on the toy world: WI-6-64, batch 2, 60 epochs, warmup 1 epoch), mono '
+      help=f'Supp. B.2 schedule: toy (default on the toy world: WI-{wi.TOY_ARCH[1]}-{wi.TOY_ARCH[0]}, batch 2, 60 '
+           'epochs, warmup 1 epoch), mono '
            '(WI-48-256, batch 16, 19 epochs, warmup 2 epochs), multi (WI-48-256, batch 16, epochs per dataset, '
            'warmup 3500 it.), wi768 (default on real data = the released model: WI-48-768, batch 8, 49 epochs on '
            'nuScenes / 25 on all four, warmup 3500 it.); the flags below override it')
     a('--width', type=data.positive_int, default=None,
-      help='WaffleIron width F (default: the preset\'s: toy 64, mono / multi 256, wi768 768)')
+      help=f'WaffleIron width F (default: the preset\'s: toy {wi.TOY_ARCH[0]}, mono / multi 256, wi768 768)')
     a('--depth', type=data.positive_int, default=None,
-      help='WaffleIron depth L (default: the preset\'s: toy 6, else 48 as the paper)')
+      help=f'WaffleIron depth L (default: the preset\'s: toy {wi.TOY_ARCH[1]}, else 48 as the paper)')
     a('--epochs', type=data.positive_int, default=None,
       help='epochs (default: the preset\'s, Supp. B.2: toy 60, mono 19, multi 19 nuScenes / 28 '
            'SemanticKITTI / 136 PandaSet / 10 all four, wi768 49 nuScenes / 25 all four; other data: as many scan '
@@ -915,33 +918,6 @@ def run_config(args, cfg, dims, head, total, per_epoch):
                 drop_path=args.drop_path, amp=args.amp, seed=args.seed)
 
 
-def check_resume(path, ckpt, config):
-    """--resume continues the SAME distillation: refuse a checkpoint of another stage (e.g. a finetune
-    ckpt_last.pth) and any changed setting, listing every difference (waffleiron.check_resume_config)."""
-    saved = ckpt.get('config') if isinstance(ckpt, dict) else None
-    if not isinstance(saved, dict) or saved.get('stage') != 'distill' or 'optim' not in ckpt:
-        stage = saved.get('stage') if isinstance(saved, dict) else None
-        raise data.UserError(f'{path} is not a checkpoint of this stage (distillation; it was written by '
-                             f'{stage or "another program"})', '--resume',
-                             'pass the --out of a previous distill.py run, or drop --resume')
-    # runs from before --loss-mean / --antialias existed used one mean over the points and no antialias
-    saved = {'loss_mean': 'points', 'antialias': 'off', **saved}
-    # 'model' (the network's own config) repeats width / depth / head ...: listed through those keys instead
-    wi.check_resume_config(path, saved, config, keys=[k for k in config if k != 'model'], stage='distill')
-
-
-def read_resume_checkpoint(path):
-    """wi.load_training_checkpoint with one clear line for a truncated / unreadable file."""
-    try:
-        return wi.load_training_checkpoint(path)
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        if isinstance(e, data.UserError):
-            raise
-        first = (str(e).splitlines() or [''])[0][:160]
-        raise data.UserError(f'cannot read {path} ({type(e).__name__}: {first})', '--resume', 'the file is '
-                             'truncated or corrupt: restart with --overwrite (or another --out)') from None
-
-
 def to_device(batch, device):
     keys = ('feat', 'cells', 'neighbors', 'occupied', 'images', 'pairs')
     return {k: batch[k].to(device, non_blocking=True) for k in keys}
@@ -1024,8 +1000,10 @@ def setup(args):
 def resume(out, config, model, opt, sched, scaler):
     """Model / optimizer / schedule / RNG states and the loop's Progress from OUT/ckpt_last.pth (checked first)."""
     path = out / 'ckpt_last.pth'
-    ckpt = read_resume_checkpoint(path)
-    check_resume(path, ckpt, config)
+    # runs from before --loss-mean / --antialias existed used one mean over the points and no antialias;
+    # 'model' (the network's own config) repeats width / depth / head ...: compared through those keys instead
+    ckpt = wi.read_resume_checkpoint(path, config, 'distill', keys=[k for k in config if k != 'model'],
+                                     defaults={'loss_mean': 'points', 'antialias': 'off'})
     epoch, it = wi.restore_training_state(ckpt, model, opt, sched, scaler)
     p = Progress(epoch=epoch, it=it, batches_done=int(ckpt['batches_done']), skips=dict(ckpt['skips']))
     wi.print0(f'resumed from {path} at iteration {p.it} (epoch {p.epoch}, batch {p.batches_done})')

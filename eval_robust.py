@@ -991,7 +991,8 @@ def generate(ds, out, corruptions=CORRUPTIONS, severities=(1, 2, 3), seed=1205, 
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Evaluation: the finetune.py --eval-only path (data.prepare_scan + data.collate + waffleiron.evaluate)
+# Evaluation: the same preprocessing and model as finetune.py --eval-only (data.prepare_scan + data.collate +
+# waffleiron.evaluate), over corrupted copies of each val scan
 # ----------------------------------------------------------------------------------------------------------
 def scan_names(ds, i):
     """The file names a val scan has in the -C layout, without reading the scan."""
@@ -1102,9 +1103,9 @@ def load_finetuned(path, dataset_name, num_classes, cell=None, k=None):
         first = (str(err).splitlines() or [type(err).__name__])[0][:200]
         raise data.UserError(f"{path} is not a checkpoint of this stage: it does not load as a WaffleIron "
                              f"segmentation model ({type(err).__name__}: {first})", "--ckpt", todo) from None
-    outputs = [m.out_channels for m in model.classif.modules() if hasattr(m, "out_channels")]
-    if outputs and outputs[-1] != num_classes:
-        raise data.UserError(f"{path} predicts {outputs[-1]} classes but {dataset_name} has {num_classes}",
+    _, outputs = wi.head_kind(model.classif)
+    if outputs is not None and outputs != num_classes:
+        raise data.UserError(f"{path} predicts {outputs} classes but {dataset_name} has {num_classes}",
                              "--ckpt", "evaluate a checkpoint finetuned on this dataset (a pretraining "
                                        "checkpoint must be finetuned first)")
     return model, cfg
@@ -1136,9 +1137,13 @@ def unverified_cells(fmt, root=None):
 
 
 def run_evaluation(model, ds, cfg, corruptions=CORRUPTIONS, severities=(1, 2, 3), root=None, seed=1205,
-                   device="cpu", amp="none", batch_size=8, workers=0, max_scans=None):
+                   device="cpu", amp="none", batch_size=8, workers=0, max_scans=None, train_counts=None,
+                   unseen_as_nan=True):
     """All mIoUs (%) of Tab. 9 for one model: clean, per corruption per severity, severity averages, mCE, mRR;
-    plus the scans skipped per set and the cells computed with unverified parameters."""
+    plus the scans skipped per set and the cells computed with unverified parameters. train_counts (labelled
+    training points per class, stored by finetune.py in its model.pth): the mIoU rule of probe.py / finetune.py
+    (waffleiron.summarise_confusion), classes never seen in training left out unless unseen_as_nan=False."""
+    import waffleiron as wi
     from tqdm import tqdm
     K, fmt, notes, skipped = len(ds.class_names), corruption_format(ds), [], {}
     if root is not None:
@@ -1157,7 +1162,8 @@ def run_evaluation(model, ds, cfg, corruptions=CORRUPTIONS, severities=(1, 2, 3)
                          for reason, n in sorted(skip.items()))
         if cm.sum() == 0:
             notes.append(f"{name}: no labelled point left, mIoU is NaN")
-        return 100.0 * data.mean_iou(cm) if cm.sum() else float("nan")
+        return wi.summarise_confusion(cm, ds.class_names, train_counts, unseen_as_nan)["miou"] if cm.sum() \
+            else float("nan")
 
     out = dict(clean=miou(), per_severity={})
     jobs = [(c, s) for c in corruptions for s in severities]
@@ -1276,7 +1282,9 @@ def _data_args(p):
                    help="val split to corrupt: toy (nuScenes format), toy_kitti, nuscenes, semantic_kitti "
                         "(nuScenes-C / SemanticKITTI-C are built from the val splits)")
     p.add_argument("--root", default=None, help="dataset root (native layout; toy: data/toy, generated if missing)")
-    p.add_argument("--version", default=None, help="nuScenes version, e.g. v1.0-trainval (data.get_dataset default)")
+    p.add_argument("--version", default=None,
+                   help="nuScenes version (default: the first of v1.0-trainval, v1.0-mini, v1.0-test found under "
+                        "--root; toy: v1.0-mini)")
     p.add_argument("--split", default="val", help="split to corrupt (Robo3D: the validation set)")
     p.add_argument("--seed", type=data.nonneg_int, default=1205, help="corruption seed (Robo3D scripts seed 1205)")
     p.add_argument("--severities", default="1,2,3", help="severities 1=light,2=moderate,3=heavy (Robo3D: all 3)")
@@ -1417,16 +1425,20 @@ def _evaluate_parser():
                    help="autocast at eval (official: fp16 with --fp16)")
     p.add_argument("--device", default=None, help="torch device: cpu, cuda, cuda:N (default cuda if available)")
     p.add_argument("--no-figure", action="store_true", help="skip robust.png")
+    p.add_argument("--unseen-as-zero", action="store_true",
+                   help="count the classes the checkpoint's training never saw in every mIoU (the official metric); "
+                        "default: left out, as probe.py and finetune.py (the counts are in finetune.py's model.pth)")
     return p
 
 
 def _default_ckpt():
-    found = sorted(Path("runs").glob("finetune*/model.pth"), key=lambda f: f.stat().st_mtime)
-    if not found:
+    import waffleiron as wi
+    found = wi.latest_checkpoint("finetune*/model.pth")
+    if found is None:
         raise data.UserError("no --ckpt given and no runs/finetune*/model.pth found", "--ckpt",
                              "finetune a model first (python finetune.py --fraction 0.1) or pass --ckpt PATH")
-    print(f"evaluating the newest finetuned checkpoint: {found[-1]}")
-    return str(found[-1])
+    print(f"evaluating the newest finetuned checkpoint: {found}")
+    return found
 
 
 def main_evaluate(argv):
@@ -1447,8 +1459,10 @@ def main_evaluate(argv):
     if a.corruptions_root is not None:
         check_corruptions_root(a.corruptions_root, corruptions, severities, fmt)
     model = model.to(device)
+    counts = wi.checkpoint_config(a.ckpt).get("train_counts")  # finetune.py stores them; released: None
     results = run_evaluation(model, ds, cfg, corruptions, severities, a.corruptions_root, a.seed, device, a.amp,
-                             a.batch_size, a.workers, a.max_scans)
+                             a.batch_size, a.workers, a.max_scans, train_counts=counts,
+                             unseen_as_nan=not a.unseen_as_zero)
     print(format_table(results))
     (out / "robust.json").write_text(json.dumps(results, indent=2))
     if not a.no_figure:

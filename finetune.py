@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 from tqdm import tqdm
 
 import data
@@ -70,16 +69,19 @@ def parse_args(argv=None):
     a = p.add_argument
     a("--data", default="toy", choices=FINETUNE_DATASETS, help="downstream dataset (default: the toy world)")
     a("--root", default=None, help="dataset root (default: data.get_dataset's, data/toy for the toy)")
-    a("--version", default=None, help="nuScenes version, e.g. v1.0-trainval (data.get_dataset default)")
+    a("--version", default=None,
+      help="nuScenes version (default: the first of v1.0-trainval, v1.0-mini, v1.0-test found under "
+           "--root; toy: v1.0-mini)")
     a("--ckpt", default=None, help="distilled checkpoint to finetune (default: newest runs/distill*/model.pth); "
-                                   "with --eval-only: the finetuned checkpoint to evaluate (ours or released)")
+                                   "with --eval-only: the finetuned checkpoint to evaluate (ours or released; "
+                                   "required)")
     a("--scratch", action="store_true", help="no-pretraining baseline: same recipe, random init (architecture of "
                                              "--ckpt if given, else --width/--depth)")
     a("--width", type=data.positive_int, default=None,
-      help="backbone width F for --scratch without checkpoint (ScaLR configs: 768; toy: 64 as distill.py's toy "
-           "preset)")
+      help="backbone width F for --scratch without checkpoint (ScaLR configs: 768; toy: "
+           f"{wi.TOY_ARCH[0]} as distill.py's toy preset)")
     a("--depth", type=data.positive_int, default=None,
-      help="backbone depth L, same rules as --width (ScaLR configs: 48; toy: 6)")
+      help=f"backbone depth L, same rules as --width (ScaLR configs: 48; toy: {wi.TOY_ARCH[1]})")
     a("--fraction", type=label_fraction, default=None,
       help="fraction of the labelled train scans used (Supp. B.4: 0.01, 0.1, 1.0; any value in (0, 1]); default "
            "1.0, or with --subset-file the fraction that list holds")
@@ -162,7 +164,7 @@ def pct(fraction):
 
 
 def is_toy(args):
-    return args.data in ("toy", "toy_kitti")
+    return data.is_toy(args.data, args.root)
 
 
 def default_out(args):
@@ -252,12 +254,10 @@ def segmentation_loader(ds, cfg, args, train, subset=None):
 # Model: strict load of the pretrain-shaped network, stochastic depth, downstream head (ScaLR finetune.py).
 # ----------------------------------------------------------------------------------------------------------------
 def segmentation_classes(head):
-    """Number of classes of an official downstream head Sequential(BatchNorm1d, Conv1d), else None (a
-    distillation head: Conv1d(F -> 1024) or the ScaLR+ MLP)."""
-    if isinstance(head, nn.Sequential) and len(head) == 2 and isinstance(head[0], nn.BatchNorm1d) \
-            and isinstance(head[1], nn.Conv1d):
-        return int(head[1].out_channels)
-    return None
+    """Number of classes of an official downstream head (BatchNorm1d + Conv1d), else None (a distillation head:
+    Conv1d(F -> 1024) or the ScaLR+ MLP); waffleiron.head_kind is the one head detector."""
+    kind, outputs = wi.head_kind(head)
+    return outputs if kind == "seg" else None
 
 
 def set_drop_path(model, rate):
@@ -320,8 +320,7 @@ def build_model(args, cfg, num_classes):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Evaluation and results (ScaLR utils/finetuner.py): a thin layer over waffleiron.evaluate, shared with
-# eval_robust.py.
+# Evaluation and results (ScaLR utils/finetuner.py): a thin layer over waffleiron.evaluate.
 # ----------------------------------------------------------------------------------------------------------------
 def evaluate_split(model, ds, cfg, args, device):
     """((K, K) confusion matrix over every original point of the scorable scans of `ds`, number of scans skipped
@@ -368,7 +367,10 @@ def eval_only(args, device):
         config = wi.checkpoint_config(args.ckpt)
         extra = report_skipped(skipped, scanned, {"ckpt": str(args.ckpt), "data": args.data,
                                                   "fraction": config.get("fraction"), "eval_only": True})
-        wi.segmentation_report(cm, names, args.out, title=f"{args.data}: finetuned checkpoint", extra=extra)
+        # the classes its training never saw, if the checkpoint says (ours do; released ones: every class counts)
+        counts = config.get("train_counts")
+        wi.segmentation_report(cm, names, args.out, title=f"{args.data}: finetuned checkpoint", extra=extra,
+                               train_counts=counts, unseen_as_nan=not args.unseen_as_zero)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -393,15 +395,6 @@ def finetune_config(args, model, ckpt, class_names, num_train_scans, cfg):
             "seed": args.seed, "max_points": args.max_points, "amp": args.amp,
             "model": dict(model.config),  # WaffleIron constructor arguments (read back by load_checkpoint)
             "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
-
-
-def resume_state(path, config):
-    """--resume: ckpt_last.pth of a finetuning run (not another stage's) with the same settings; returns it."""
-    st = wi.load_training_checkpoint(path)
-    saved = dict(st.get("config") or {}) if isinstance(st.get("config"), dict) else {}
-    saved.setdefault("stage", "an unknown stage")
-    wi.check_resume_config(path, saved, config, keys=RESUME_KEYS, stage="finetune")
-    return st
 
 
 def train_step(net, batch, opt, sched, scaler, device, amp, it):
@@ -504,7 +497,8 @@ def finish(args, model, ckpt, class_names, val_ds, cfg, config, device, out, ite
     """model.pth FIRST (a finished training is never lost to a late failure), then the val evaluation (scans
     that cannot be scored are skipped, counted and reported next to the mIoU), the plots and results.json."""
     if wi.is_main():
-        wi.save_checkpoint(out / "model.pth", net=wi.official_state_dict(model), config=config)
+        saved = dict(config, train_counts=None if counts is None else np.asarray(counts).tolist())
+        wi.save_checkpoint(out / "model.pth", net=wi.official_state_dict(model), config=saved)
     t1 = time.time()
     cm, skipped, scanned = evaluate_split(model, val_ds, cfg, args, device)
     t2 = time.time()
@@ -560,7 +554,8 @@ def main(argv=None):
     wi.print0(f"WI-{wi.backbone_depth(model)}-{wi.backbone_width(model)} "
               f"({'random init, ' + arch_from if args.scratch else 'weights of ' + str(ckpt)})")
     config = finetune_config(args, model, ckpt, class_names, len(subset), cfg)
-    st = resume_state(out / "ckpt_last.pth", config) if args.resume else None  # before any training
+    st = wi.read_resume_checkpoint(out / "ckpt_last.pth", config, "finetune", RESUME_KEYS) if args.resume \
+        else None  # before any training
     if wi.is_main():
         (out / "config.json").write_text(json.dumps(config, indent=1, default=str))
     t0 = time.time()

@@ -68,7 +68,9 @@ def parse_args(argv=None):
     p.add_argument("--data", default="toy", choices=PROBE_DATASETS,
                    help="downstream dataset (default: the toy world, as every stage)")
     p.add_argument("--root", default=None, help="dataset root (default: data.get_dataset's, data/toy for the toy)")
-    p.add_argument("--version", default=None, help="nuScenes version, e.g. v1.0-trainval (data.get_dataset default)")
+    p.add_argument("--version", default=None,
+                   help="nuScenes version (default: the first of v1.0-trainval, v1.0-mini, v1.0-test found under "
+                        "--root; toy: v1.0-mini)")
     p.add_argument("--ckpt", default=None,
                    help="distilled checkpoint (default: newest runs/distill*/model.pth written by distill.py)")
     p.add_argument("--compare-random", action="store_true",
@@ -78,9 +80,9 @@ def parse_args(argv=None):
                    help="no-pretraining baseline: same architecture as --ckpt (or --width/--depth), fresh weights")
     p.add_argument("--width", type=data.positive_int, default=None,
                    help="backbone width F; checked against the checkpoint; for --random-init without a checkpoint "
-                        "(toy world: distill.py's toy preset, 64; real data: the paper's WI-768, 768)")
+                        f"(toy world: distill.py's toy preset, {wi.TOY_ARCH[0]}; real data: the paper's WI-768, 768)")
     p.add_argument("--depth", type=data.positive_int, default=None,
-                   help="backbone depth L, same rules as --width (toy: 6; paper WI-48: 48)")
+                   help=f"backbone depth L, same rules as --width (toy: {wi.TOY_ARCH[1]}; paper WI-48: 48)")
     p.add_argument("--out", default=None, help="output folder (default runs/probe_<data>[_random])")
     p.add_argument("--batch-size", type=data.positive_int, default=8,
                    help="global batch size (Supp. B.3: 8; unused with --full-batch)")
@@ -97,10 +99,10 @@ def parse_args(argv=None):
     p.add_argument("--warmup-epochs", type=data.nonneg_float, default=2,
                    help="linear warmup from LR 0 (Supp. B.3: 2 epochs)")
     p.add_argument("--epochs", type=data.positive_int, default=None,
-                   help=f"training epochs (Supp. B.3: 20 nuScenes/SemanticKITTI, 50 PandaSet; toy: {TOY_STEPS} "
-                        f"full-batch steps, see resolve_defaults)")
+                   help=f"training epochs (default, Supp. B.3: 20 nuScenes/SemanticKITTI, 50 PandaSet; toy: "
+                        f"{TOY_STEPS} full-batch steps, or 300 epochs with --no-full-batch; see resolve_defaults)")
     p.add_argument("--max-iters", type=data.positive_int, default=None,
-                   help="stop after this many iterations (smoke tests)")
+                   help="stop after this many iterations (smoke tests; default: no limit)")
     p.add_argument("--head-points", type=data.positive_int, default=None,
                    help="train the head on this many random points per scan and step (ours, for CPU speed; "
                         f"default: all kept points as Supp. B.3; toy: {TOY_POINTS} with --full-batch, else 2048)")
@@ -142,7 +144,8 @@ def parse_args(argv=None):
     p.add_argument("--holdout", type=data.nonneg_int, default=0,
                    help="train on all but the last N scans of the TRAIN split and evaluate on those N instead of "
                         "val: how the toy recipe was chosen without looking at val (ours)")
-    p.add_argument("--figures", default=None, help="write the Appendix C pictures (Fig. 2, Fig. 3) into this folder")
+    p.add_argument("--figures", default=None,
+                   help="write the Appendix C pictures (Fig. 2, Fig. 3) into this folder (default: none drawn)")
     p.add_argument("--figure-scans", type=data.positive_int, default=3,
                    help="number of val scans pictured (Supp. C shows a few)")
     p.add_argument("--figures-only", action="store_true", help="only draw --figures, no probing")
@@ -159,7 +162,7 @@ def resolve_defaults(args):
     (--full-batch), on TOY_POINTS random points per scan and step, with Supp. B.3's loss (CE + Lovász),
     optimizer (AdamW, wd 3e-3), warmup (2 epochs) and cosine to 1e-5. See TOY_STEPS / TOY_LR for how the step
     count and the learning rate were chosen."""
-    toy = args.data in ("toy", "toy_kitti")
+    toy = data.is_toy(args.data, args.root)
     if args.threads is None and toy:
         args.threads = 1
     if args.aug is None:
@@ -469,17 +472,6 @@ def probe_config(args, model, ckpt, class_names, cfg):
 
 
 
-def check_resumable(path, config):
-    """--resume: ckpt_last.pth must come from probing (not another stage) the same backbone on the same data with
-    the same recipe (checked before any feature is computed); returns the checkpoint."""
-    st = wi.load_training_checkpoint(path)
-    saved = st.get("config")
-    saved = dict(saved) if isinstance(saved, dict) else {}
-    saved.setdefault("stage", "an unknown stage")
-    wi.check_resume_config(path, saved, config, keys=RESUME_KEYS, stage="probe")
-    return st
-
-
 def resume_probe(path, model, opt, sched, scaler):
     """Head, optimiser, scheduler, scaler and RNG states of ckpt_last.pth; returns (epoch, iteration, train
     label counts)."""
@@ -756,7 +748,7 @@ def run_probe(args, model, ckpt, class_names, cfg, device, datasets, out):
     train_idx, eval_ds, eval_idx, eval_name = evaluation_split(args, train_ds, val_ds)
     config = probe_config(args, model, ckpt, class_names, cfg)
     if args.resume:
-        check_resumable(out / "ckpt_last.pth", config)
+        wi.read_resume_checkpoint(out / "ckpt_last.pth", config, "probe", RESUME_KEYS)  # before any feature
     if wi.is_main():
         (out / "config.json").write_text(json.dumps(config, indent=1, default=str))
     t0 = time.perf_counter()

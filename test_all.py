@@ -70,6 +70,61 @@ _REALDATA = _SHARED / "realdata"
 
 
 # Test helpers that were once in the stage files (no stage uses them)
+# The segmentation batch prepared on the device: the composition of data.py's torch building blocks that the
+# tests compare with prepare_scan + collate (no stage runs it; distill.py uses data.add_cells_neighbors_t).
+def _nearest_t(query, ref, chunk=4096):
+    """nearest_indices() in torch: query (Nq, 3), ref (Nr, 3) -> (Nq,) int64 index of the nearest ref point."""
+    torch = data._torch()
+    out = [torch.cdist(query[s:s + chunk][None].float(), ref[None].float(),
+                       compute_mode="donot_use_mm_for_euclid_dist")[0].argmin(1) for s in range(0, len(query), chunk)]
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64, device=query.device)
+
+
+def _collate_t(samples, cfg, device):
+    """collate() with cells and neighbours computed on `device`: data.collate_light + data.add_cells_neighbors_t."""
+    return data.add_cells_neighbors_t(data.collate_light(samples), cfg, device)
+
+
+def _prepare_batch_t(points, dataset_names, cfg, train, rngs=None, labels=None, device="cpu"):
+    """prepare_scan() + collate() of B raw scans in one go on `device`, the official downstream order: voxelize ->
+    (train) limit points + augment -> FOV crop -> cells -> kNN -> (eval) 1-NN upsample index of every original
+    row. points: list of (N_b, >= 4) arrays; dataset_names: one name or one per scan; rngs: one
+    np.random.Generator per scan (train), drawn in prepare_scan's order, so the same seeds give the same batch."""
+    torch = data._torch()
+    names = [dataset_names] * len(points) if isinstance(dataset_names, str) else list(dataset_names)
+    pc8 = [data.scan_pc8(p, n) for p, n in zip(points, names)]  # CPU: (N_b, 8) each
+    n_raw = torch.tensor([len(p) for p in pc8])
+    start = (torch.cumsum(n_raw, 0) - n_raw).tolist()
+    pc = torch.from_numpy(np.concatenate(pc8)).to(device)  # (P, 8)
+    batch = torch.repeat_interleave(torch.arange(len(pc8)), n_raw).to(device)
+    order = None
+    if train:  # voxelize(rng): a random permutation of each scan first
+        order = torch.from_numpy(np.concatenate([rng.permutation(len(p)) + s for p, rng, s in zip(pc8, rngs, start)]))
+    kept = data.voxelize_t(pc[:, :3], batch, cfg.voxel, order)  # (K,) global rows, sorted (scan-major)
+    vals = data._train_draws_t(pc, batch, kept, rngs, cfg) if train else (kept, pc[kept])
+    inside = data.fov_mask_t(vals[1][:, :3], cfg)
+    kept, p = vals[0][inside], vals[1][inside]  # (M,), (M, 8)
+    b = batch[kept]
+    sizes = torch.bincount(b, minlength=len(pc8))
+    if bool((sizes == 0).any()):
+        raise ValueError(f"no point of scan {int((sizes == 0).nonzero()[0])} lies inside the FOV "
+                         f"{cfg.fov_min}..{cfg.fov_max}")
+    out = dict(feat=data.pad_points_t(p[:, 3:], b, sizes).transpose(1, 2),  # (B, 5, Nmax)
+               cells=data.pad_points_t(data.cell_indices_t(p[:, :3], cfg).T, b, sizes).transpose(1, 2),  # (B, 3, Nmax)
+               neighbors=data.knn_t(data.pad_points_t(p[:, :3], b, sizes), sizes, cfg.k),  # (B, k, Nmax)
+               occupied=data.pad_points_t(torch.ones_like(b, dtype=torch.bool), b, sizes, fill=False),
+               num_points=sizes)
+    local = kept - torch.tensor(start, device=kept.device)[b]  # row inside its own scan
+    out["kept"] = list(local.split(sizes.tolist()))
+    out["xyz"] = list(p[:, :3].split(sizes.tolist()))
+    if labels is not None:
+        out["labels"] = torch.cat([torch.as_tensor(np.asarray(lab, np.int64)).to(device)[k]
+                                   for lab, k in zip(labels, out["kept"])])
+    out["upsample"] = ([torch.arange(len(k), device=kept.device) for k in out["kept"]] if train else
+                       [_nearest_t(pc[s:s + n, :3], x) for s, n, x in zip(start, n_raw.tolist(), out["xyz"])])
+    return out
+
+
 def _timm_to_meta(state_dict, family='dinov2'):
     """Inverse naming (used by the tests to build a Meta-style file from a timm model's state dict).
 
@@ -4405,7 +4460,7 @@ def test_prepare_batch_t_equals_prepare_scan_and_collate(train):
     ref = [data.prepare_scan(s, "nuscenes", cfg, train, rng=r if train else None, labels=lab)
            for s, r, lab in zip(scans, rngs[0], labels)]
     want = data.collate(ref)
-    got = data.prepare_batch_t(scans, "nuscenes", cfg, train, rngs=rngs[1] if train else None, labels=labels)
+    got = _prepare_batch_t(scans, "nuscenes", cfg, train, rngs=rngs[1] if train else None, labels=labels)
     assert np.array_equal(got["num_points"].numpy(), want["num_points"].numpy())
     assert len(data.voxelize(scans[0][:, :3], cfg.voxel)) > cfg.max_points > len(data.voxelize(scans[1][:, :3]))
     for key in ("feat", "cells", "occupied", "labels"):
@@ -4425,7 +4480,7 @@ def test_collate_t_computes_cells_and_neighbours_of_cropped_samples():
         s = data.prepare_scan(_scan(1500, seed), "nuscenes", cfg, True, rng=np.random.default_rng(seed))
         samples.append(s)
     want = data.collate(samples)
-    got = data.collate_t([{k: v for k, v in s.items() if k not in ("cells", "neighbors")} for s in samples], cfg,
+    got = _collate_t([{k: v for k, v in s.items() if k not in ("cells", "neighbors")} for s in samples], cfg,
                          "cpu")
     assert torch.equal(got["cells"], want["cells"]) and torch.equal(got["feat"], want["feat"])
     for b, s in enumerate(samples):
@@ -4441,29 +4496,6 @@ def test_knn_graph_survives_the_pretraining_augmentation():
         aug = data.augment_pretrain(xyz, np.random.default_rng(seed))
         assert not np.allclose(aug, xyz)
         assert _neighbour_sets_agree(xyz, data.knn_indices(aug, 16), data.knn_indices(xyz, 16)) == 0
-
-
-def test_knn_cache_equals_uncached_knn_of_each_sample():
-    """Subsets as distill_sample draws them (random voxel point, a view cone, crop after the augmentation):
-    the cached path equals knn_indices on the augmented sample, and the cache is built once per scan."""
-    cfg = data.grid_config("toy")
-    raw = _scan(6000, 31)[:, :3]
-    cache = data.KnnCache(k_cache=32)
-    for it in range(4):
-        rng = np.random.default_rng(it)
-        kept = data.voxelize(raw, 0.3, rng)  # coarse voxels: many points per voxel, the set changes
-        az = np.arctan2(raw[kept, 1], raw[kept, 0])
-        sel = kept[np.abs(az - rng.uniform(-np.pi, np.pi)) < 1.2]  # one "camera" of ~70 degrees
-        xyz = data.augment_pretrain(raw[sel], rng)
-        inside = data.fov_mask(xyz, cfg)
-        xyz, sel = xyz[inside], sel[inside]
-        got = cache.neighbors(0, raw, sel, 16)
-        assert got.shape == (16, len(sel))
-        assert _neighbour_sets_agree(raw[sel], got, data.knn_indices(xyz, 16)) == 0
-    assert len(cache.graphs) == 1 and cache.hits == 3
-    assert 0 < cache.fallback_points < 0.5 * cache.points  # most points answered from the cached graph
-    tiny = cache.neighbors(1, raw, np.array([5, 9, 11]), 16)  # fewer points than k: self repeated
-    assert np.array_equal(np.sort(tiny, 0), np.sort(data.knn_indices(raw[[5, 9, 11]], 16), 0))
 
 
 class _FakeLabelled:
@@ -4488,24 +4520,6 @@ class _FakeLabelled:
     def scan_id(self, i):
         return f"scan{i}"
 
-
-@pytest.mark.parametrize("train", [True, False])
-def test_raw_scan_dataset_device_batch_equals_segmentation_dataset_batch(train):
-    ds, cfg = _FakeLabelled(), data.grid_config("toy")
-    seg, raw = data.SegmentationDataset(ds, cfg, train), data.RawScanDataset(ds, cfg, train)
-    torch.manual_seed(3)
-    want = data.collate([seg[0], seg[1]])
-    torch.manual_seed(3)
-    got = data.prepare_raw_batch_t(data.raw_collate([raw[0], raw[1]]), cfg, train, "cpu")
-    for key in ("feat", "cells", "occupied", "labels", "num_points"):
-        assert torch.equal(got[key], want[key]), key
-    for key in ("orig_labels", "kept", "upsample"):
-        assert all(torch.equal(a, b) for a, b in zip(got[key], want[key])), key
-    assert got["scan_id"] == want["scan_id"] == ["scan0", "scan1"]
-    for b in range(2):
-        m = int(want["num_points"][b])
-        assert _neighbour_sets_agree(want["xyz"][b].numpy(), got["neighbors"][b, :, :m].numpy(),
-                                     want["neighbors"][b, :, :m].numpy()) == 0
 
 # ==============================================================================================================
 # 13. Bad input (data.py): non-finite points, truncated and corrupt files, dangling tokens, paths leaving the root,

@@ -21,13 +21,14 @@ waffleiron/{backbone,embedding,segmenter}.py, ScaLR finetune.py (checkpoints); s
 In Python:  model = load_checkpoint('model.pth')  (released ScaLR / WaffleIron files or ours, strict)
             out = model(feat, cells, neighbors, occupied)   # inputs from data.prepare_scan + data.collate
 Contents, top-down:
-  [model] Backbone      Embedding, ChannelMix, SpatialMix (+ its sparse fast path), WaffleIronBackbone, WaffleIron;
-                        naive_* = the official layout written directly (the reference the fast path is tested on)
-  [model] Heads         linear / MLP / ScaLR+ distillation heads, the segmentation head, head_kind
-  [model] Checkpoint    load_checkpoint (released and ours, strict), infer_config, read_torch_file
-  [train] Training kit  schedules, layer decay, atomic save / resume, run folders, DDP, AMP, CE + Lovász,
-                        evaluation, CSV log and plots, the segmentation report (one mIoU rule)
-  CLI                   `features` and `--bench`
+  [model] Backbone         Embedding, ChannelMix, SpatialMix (+ its sparse fast path), WaffleIronBackbone,
+                           WaffleIron; naive_* = the official layout written directly (the reference the fast path
+                           is tested on)
+  [model] Heads            linear / MLP / ScaLR+ distillation heads, the segmentation head, head_kind
+  [model] Checkpoint I/O   load_checkpoint (released and ours, strict), infer_config, read_torch_file
+  [train] Training kit     schedules, layer decay, atomic save / resume, run folders, DDP, AMP, CE + Lovász,
+                           evaluation, CSV log and plots, the segmentation report (one mIoU rule)
+  CLI                      `features` and `--bench`
 Imports stay light (stdlib, numpy, torch, and data.py for its error classes; no timm).
 """
 import argparse
@@ -452,11 +453,6 @@ class WaffleIron(nn.Module):
         self.config.update(head=kind, nb_class=out if out is not None else self.config["nb_class"])
         return self.classif
 
-    def set_grids(self, grids):
-        """Change the 2D grids (e.g. PandaSet's 512 grid at finetuning); no parameter depends on them."""
-        self.grids = tuple((int(h), int(w)) for h, w in grids)
-        self.config["grids"] = [list(g) for g in self.grids]
-
     def forward_features(self, feat, cells, neighbors, occupied):
         """feat (B, C_in, N), cells (B, 3, N), neighbors (B, k, N), occupied (B, N) -> trunk output (B, F, N)."""
         tokens = self.embed(feat, neighbors)                                      # (B, N, F)
@@ -653,12 +649,7 @@ def extract_state_dict(obj, path="<checkpoint>"):
                              f"or a raw state dict; the file has keys {sorted(map(str, obj))[:20]}")
     else:
         raise ValueError(f"{path}: expected a dict checkpoint, got {type(obj).__name__}")
-    clean = {}
-    for key, value in sd.items():
-        while key.startswith(("module.", "_orig_mod.")):  # DDP and torch.compile wrappers
-            key = key.split(".", 1)[1]
-        clean[key] = value
-    return clean
+    return {_strip_wrappers(key): value for key, value in sd.items()}  # DDP and torch.compile wrappers
 
 
 def infer_config(state_dict):
@@ -778,11 +769,11 @@ def load_checkpoint(path, grids=None, map_location="cpu", weights_only=True, **f
 
 
 
-# ==== [train] Schedules, layer decay, atomic save/resume, DDP, losses, evaluation, logging ====
+# ==== [train] Training kit: schedules, layer decay, atomic save/resume, DDP, losses, evaluation, logging ====
 # Everything the three training stages share: distill.py (Supp. B.2), probe.py (Supp. B.3), finetune.py (Supp. B.4).
 # The official code is cited by repository and file ("ScaLR utils/scheduler.py" = github.com/valeoai/ScaLR, branch
-# main; "ScaLR+" = its branch scalr_plus); docs/official.md lists the conventions. Only torch/numpy/stdlib are
-# imported here; tqdm, matplotlib and data.py are imported inside the functions that need them.
+# main; "ScaLR+" = its branch scalr_plus); docs/official.md lists the conventions. tqdm and matplotlib are
+# imported inside the functions that need them.
 #
 # The training loop of every stage has the same skeleton (nanoGPT style):
 #     rank, world, device = ddp_setup()
@@ -1154,6 +1145,20 @@ def check_resume_config(path, saved, current, keys=None, stage=None):
                         'resume with the same flags, or use another --out (or --overwrite) to start a new run')
 
 
+
+def read_resume_checkpoint(path, config, stage, keys=None, defaults=None):
+    """The one --resume check of every stage: OUT/ckpt_last.pth must be a training checkpoint written by a previous
+    run of `stage` with the same settings (keys: which settings of `config` count; defaults: values assumed for
+    settings that older runs did not record). Returns the checkpoint; anything else is one data.UserError line."""
+    st = load_training_checkpoint(path)  # missing / truncated / foreign file: one line naming it
+    saved = st.get('config') if isinstance(st.get('config'), dict) else None
+    if saved is None or saved.get('stage') != stage or 'optim' not in st:
+        written_by = (saved or {}).get('stage') or 'another program'
+        raise data.UserError(f'{path} is not a checkpoint of this stage ({stage}; it was written by {written_by})',
+                             '--resume', 'pass the --out of a previous run of this stage, or drop --resume')
+    check_resume_config(path, {**(defaults or {}), **saved}, config, keys=keys, stage=stage)
+    return st
+
 def resolve_device(name=None):
     """--device: None/'auto' = cuda if available else cpu; refuse cuda without a GPU (before data is read)."""
     if name in (None, 'auto'):
@@ -1178,7 +1183,7 @@ def default_architecture(data_name):
     """(width, depth) of a backbone built without a checkpoint: on the toy worlds the toy backbone (so a baseline
     matches the distilled toy model, and does not build the paper's WI-48-768, an hour per toy probe on a CPU); on
     real data the paper's WI-48-768."""
-    return TOY_ARCH if data_name in ("toy", "toy_kitti") else PAPER_ARCH
+    return TOY_ARCH if data.is_toy(data_name) else PAPER_ARCH
 
 
 def setup_device(name=None):
@@ -1578,9 +1583,9 @@ def plot_log(csv_path, png_path, y_keys, title=None, x_key='iteration'):
 # ---------------------------------------------------------------------------------------------------------------
 # What the downstream stages share: which checkpoint, which grid, the results report (probe.py, finetune.py)
 # ---------------------------------------------------------------------------------------------------------------
-def latest_distill_checkpoint(runs='runs'):
-    """Newest runs/distill*/model.pth written by distill.py (None if there is none)."""
-    found = sorted(Path(runs).glob('distill*/model.pth'), key=lambda p: p.stat().st_mtime)
+def latest_checkpoint(pattern='distill*/model.pth', runs='runs'):
+    """Newest file matching runs/<pattern> (default: distill.py's model.pth), None if there is none."""
+    found = sorted(Path(runs).glob(pattern), key=lambda p: p.stat().st_mtime)
     return str(found[-1]) if found else None
 
 
@@ -1589,7 +1594,7 @@ def resolve_backbone_checkpoint(ckpt, baseline_flag, baseline=False):
     to do when it is missing. The no-pretraining baseline (`baseline`, flag '--random-init' / '--scratch') never
     looks one up: without --ckpt it is built from --width / --depth (None returned), whatever ./runs holds."""
     if ckpt is None and not baseline:
-        ckpt = latest_distill_checkpoint()
+        ckpt = latest_checkpoint()
     if ckpt is not None and not Path(ckpt).is_file():
         raise SystemExit(f"Checkpoint not found: {ckpt}. Run `python distill.py` first, pass --ckpt PATH, or use "
                          f"{baseline_flag} for the no-pretraining baseline.")
@@ -1725,7 +1730,7 @@ def plot_per_class(per_class, path, title):
     os.replace(tmp, path)
     return path
 
-# ==== [model] CLI: features and bench ====
+# ==== CLI: features and bench ====
 
 
 def read_scan_file(path, dataset=None):
