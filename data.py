@@ -2081,17 +2081,14 @@ def bench_data_paths(pts, source, repeats=3, device="cpu", batch=2, model=(6, 64
 
 
 # ==== [data] Benchmark and CLI ====
-_REALDATA = Path(__file__).resolve().parent.parent / "shared" / "realdata"
-
-
-def _bench_scan(n, rng):
-    """A lidar scan of about n points: the real 34,688-point nuScenes sample under _REALDATA when present
-    (all of it for n >= 34,688, else n random rows), else a synthetic 32-beam sweep of ground + walls."""
-    path = _REALDATA / "nuscenes" / "samples" / "LIDAR_TOP"
-    files = sorted(path.glob("*.pcd.bin")) if path.is_dir() else []
-    if files:
-        pts = max((_read_records(f, np.float32, 5, "nuScenes lidar")[:, :4] for f in files), key=len)
-        return (pts if n >= len(pts) else pts[np.sort(rng.choice(len(pts), n, replace=False))]), "nuScenes realdata"
+def _bench_scan(n, rng, scan=None):
+    """A lidar scan of about n points: the file `scan` (--scan: .pcd.bin / .bin / .npy, read as
+    `waffleiron.py features` reads it; all of it for n >= its size, else n random rows), else a synthetic 32-beam
+    sweep of ground + walls."""
+    if scan is not None:
+        import waffleiron as wi
+        pts = wi.read_scan_file(scan)[0]
+        return (pts if n >= len(pts) else pts[np.sort(rng.choice(len(pts), n, replace=False))]), Path(scan).name
     az = rng.uniform(-np.pi, np.pi, n)
     el = np.deg2rad(rng.integers(0, 32, n) * (41.3 / 31) - 30.7)
     rng_ground = 1.8 / np.maximum(np.tan(-el), 1e-3)
@@ -2109,7 +2106,7 @@ def _median_ms(fn, repeats):
     return float(np.median(times))
 
 
-def bench(repeats=5, sizes=(20000, 35000), paths=True, device=None):
+def bench(repeats=5, sizes=(20000, 35000), paths=True, device=None, scan=None):
     """Markdown table of ms per scan for each preprocessing step (median of `repeats`, one thread), in the
     official order: voxelize and crop on the raw scan, cells and kNN on the M voxelized + cropped points.
     paths: then the table of bench_data_paths (CPU vs device data path and the model step, scans/s) on the
@@ -2118,7 +2115,7 @@ def bench(repeats=5, sizes=(20000, 35000), paths=True, device=None):
     cfg = GridConfig()
     rows, counts = {}, []
     for n in sizes:
-        pts, source = _bench_scan(n, rng)
+        pts, source = _bench_scan(n, rng, scan)
         xyz = pts[:, :3]
         vox = xyz[voxelize(xyz, cfg.voxel)]
         vox = vox[fov_mask(vox, cfg)]  # (M, 3) what cells / kNN see
@@ -2246,13 +2243,15 @@ def main(argv=None):
     p.add_argument("--scans", type=positive_int, default=None,
                    help="toy: nuScenes keyframes (default 64 = 48 train + 16 val; KITTI gets half + a quarter)")
     p.add_argument("--seed", type=nonneg_int, default=None, help="toy: random seed (default 0)")
+    p.add_argument("--scan", default=None, help="--bench on this real scan (.pcd.bin / .bin / .npy, e.g. a nuScenes "
+                   "LIDAR_TOP sweep); default: a synthetic 32-beam sweep")
     p.add_argument("--toy-preview", metavar="PNG", default=None,
                    help="draw README's toy picture (docs/toy_scan.png): a toy val scan by class, beside its front "
                         "camera with the projected points (toy world from --root, generated if missing)")
     p.add_argument("--root", default=None, help="toy world folder for --toy-preview (default: data/toy)")
     a = p.parse_args(argv)
     if a.bench:
-        bench()
+        bench(scan=a.scan)
     elif a.make_toy:
         kw = {k: v for k, v in (("scans", a.scans), ("seed", a.seed)) if v is not None}
         make_toy(a.make_toy, **kw)
