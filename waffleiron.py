@@ -80,6 +80,15 @@ import data
 
 DEFAULT_GRIDS = ((256, 256), (256, 32), (256, 32))  # Supp. B.2: ±64 m x ±64 m x ±8 m, 0.5 m cells
 EMBED_CHUNK_ROWS = 1 << 18  # eval only: neighbour rows (B*k*n) per chunk of the embedding, bounds memory
+PAPER_ARCH = (768, 48)  # WI-48-768, the paper's backbone (Supp. B.2): width, depth
+TOY_ARCH = (64, 6)  # WI-6-64, the toy world's backbone (distill.py's toy preset): width, depth
+
+
+def default_architecture(data_name):
+    """(width, depth) of a backbone built without a checkpoint: on the toy worlds the toy backbone (so a baseline
+    matches the distilled toy model, and does not build the paper's WI-48-768, an hour per toy probe on a CPU); on
+    real data the paper's WI-48-768."""
+    return TOY_ARCH if data.is_toy(data_name) else PAPER_ARCH
 
 
 def make_norm(channels, layer_norm):
@@ -1159,41 +1168,6 @@ def read_resume_checkpoint(path, config, stage, keys=None, defaults=None):
     check_resume_config(path, {**(defaults or {}), **saved}, config, keys=keys, stage=stage)
     return st
 
-def resolve_device(name=None):
-    """--device: None/'auto' = cuda if available else cpu; refuse cuda without a GPU (before data is read)."""
-    if name in (None, 'auto'):
-        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise data.UserError(f'unknown device {name!r}', '--device', 'use cpu, cuda or cuda:N') from None
-    if dev.type == 'cuda' and not torch.cuda.is_available():
-        raise data.UserError('CUDA was asked for but no GPU is visible to torch', '--device',
-                        'pass --device cpu, or check the driver / CUDA_VISIBLE_DEVICES')
-    if dev.type == 'cuda' and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise data.UserError(f'{name}: only {torch.cuda.device_count()} GPU(s) visible', '--device', 'pick another index')
-    return dev
-
-
-PAPER_ARCH = (768, 48)  # WI-48-768, the paper's backbone (Supp. B.2): width, depth
-TOY_ARCH = (64, 6)  # WI-6-64, the toy world's backbone (distill.py's toy preset): width, depth
-
-
-def default_architecture(data_name):
-    """(width, depth) of a backbone built without a checkpoint: on the toy worlds the toy backbone (so a baseline
-    matches the distilled toy model, and does not build the paper's WI-48-768, an hour per toy probe on a CPU); on
-    real data the paper's WI-48-768."""
-    return TOY_ARCH if data.is_toy(data_name) else PAPER_ARCH
-
-
-def setup_device(name=None):
-    """--device checked before any data is read (resolve_device: cuda without a GPU is refused), then DDP when
-    launched by torchrun (each process its local GPU). Returns (rank, world size, device)."""
-    want = resolve_device(name)
-    rank, world, device = ddp_setup(device=want.type)
-    return rank, world, (want if world == 1 else device)
-
-
 def diverged_message(err, out):
     """The one line of a NaN/inf loss (wi.check_finite): what happened and which checkpoint is the last good one."""
     last = Path(out) / "ckpt_last.pth"
@@ -1240,6 +1214,30 @@ def restore_training_state(ckpt, model, optimizer=None, scheduler=None, scaler=N
 # ---------------------------------------------------------------------------------------------------------------
 # Distributed data parallel (ScaLR finetune.py: the batch size is global and divided by the number of GPUs)
 # ---------------------------------------------------------------------------------------------------------------
+def resolve_device(name=None):
+    """--device: None/'auto' = cuda if available else cpu; refuse cuda without a GPU (before data is read)."""
+    if name in (None, 'auto'):
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise data.UserError(f'unknown device {name!r}', '--device', 'use cpu, cuda or cuda:N') from None
+    if dev.type == 'cuda' and not torch.cuda.is_available():
+        raise data.UserError('CUDA was asked for but no GPU is visible to torch', '--device',
+                        'pass --device cpu, or check the driver / CUDA_VISIBLE_DEVICES')
+    if dev.type == 'cuda' and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise data.UserError(f'{name}: only {torch.cuda.device_count()} GPU(s) visible', '--device', 'pick another index')
+    return dev
+
+
+def setup_device(name=None):
+    """--device checked before any data is read (resolve_device: cuda without a GPU is refused), then DDP when
+    launched by torchrun (each process its local GPU). Returns (rank, world size, device)."""
+    want = resolve_device(name)
+    rank, world, device = ddp_setup(device=want.type)
+    return rank, world, (want if world == 1 else device)
+
+
 def _world_size():
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
