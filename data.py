@@ -2,10 +2,11 @@
 
 ScaLR (CVPR 2024) distils image features (DINOv2) into a lidar backbone (WaffleIron) on four lidar datasets.
 This file is the ground every stage stands on; its sections, in order:
+  [data] Bad input                        UserError and run_main: one `error:` line and exit status 2 for every
+                                          script; the argparse value types; HelpFormatter (first: every reader
+                                          below raises these errors)
   [data] Constants, class maps, splits    class names and raw->K maps (ScaLR datasets/*_for_scalr.py, Supp. B.1),
                                           intensity stats, splits, GridConfig / grid_config (ScaLR configs/)
-  [data] Bad input                        UserError and run_main: one `error:` line and exit status 2 for every
-                                          script; the argparse value types; HelpFormatter
   [data] Readers of the native layouts    nuScenes (JSON tables, lidarseg), SemanticKITTI, PandaSet (pkl.gz,
                                           poses, GPS split), merged (Supp. B.2); 1 %/10 % subsets
   [data] Camera projections               lidar -> pixel (u = column, v = row) + depth (ScaLR datasets/*_for_scalr.py)
@@ -28,9 +29,6 @@ Commands:
   python data.py splits --data pandaset64 --root R --split train --out DIR   # print + save a split's scan list
   python data.py subset --data semantic_kitti --root R --split train --fraction 0.01 --out DIR   # 1 % labels
 """
-import numpy as np
-
-# ==== [data] Constants, class maps, splits ====
 import argparse
 import json
 import math
@@ -40,6 +38,8 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 # ==== [data] Bad input: one line, exit status 2 ====
 # Every stage runs its main() through `run_main`: a bad input (a missing / truncated / corrupt file, a wrong flag)
@@ -155,6 +155,7 @@ def image_size_type(text):
     return h, w
 
 
+# ==== [data] Constants, class maps, splits ====
 IGNORE = 255  # ScaLR datasets/*_for_scalr.py: raw labels -> 0..K (0 = ignore), then -1, and -1 becomes 255
 
 # --- Final class names, in index order (CLASS_NAME of ScaLR datasets/*_for_scalr.py; Supp. B.1 for PandaSet) ---

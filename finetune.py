@@ -430,7 +430,8 @@ def make_optimizer(model, args, iters_per_epoch):
 def train(args, model, train_loader, val_ds, cfg, config, device, out, st=None):
     """Finetunes the whole network, continuing from the training state `st` of --resume if given; returns (number
     of iterations done, labelled training points seen per class summed over ranks: the classes never seen in
-    training, see waffleiron.summarise_confusion)."""
+    training, see waffleiron.summarise_confusion). The loop has distill.train's shape: epochs of steps until
+    `stop`, data.set_epoch skipping the batches a resumed run already did, ckpt_last.pth after every epoch."""
     net = wi.wrap_ddp(model, device)
     ipe = len(train_loader)
     opt, sched = make_optimizer(model, args, ipe)

@@ -516,7 +516,8 @@ def head_step(train_head, opt, sched, scaler, feats_list, labels, args, device, 
 
 def train_probe(args, model, train_src, val_src, config, device, out):
     """Trains model.classif (the only trainable part) on the frozen trunk's features; returns (labelled training
-    points seen per class summed over ranks, steps done by this run). ckpt_last.pth after every epoch."""
+    points seen per class summed over ranks, steps done by this run). The loop has distill.train's shape: epochs
+    of head steps until `stop`, ckpt_last.pth after every epoch (a resume restarts at an epoch boundary)."""
     head = model.classif
     train_head = wi.wrap_ddp(head, device)  # DDP on the head only: the trunk has no gradient
     opt = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=args.weight_decay)  # Supp. B.3
