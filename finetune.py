@@ -25,7 +25,9 @@ import json
 import math
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -397,23 +399,80 @@ def finetune_config(args, model, ckpt, class_names, num_train_scans, cfg):
             "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
 
 
-def train_step(net, batch, opt, sched, scaler, device, amp, it):
-    """One iteration on a collated batch; returns (loss, {'ce', 'lovasz'}, lr of the head group used)."""
+class Run(NamedTuple):
+    """The fixed parts of a finetuning run, built once by setup_training()."""
+    args: argparse.Namespace
+    model: torch.nn.Module  # the network (official names), as saved
+    net: torch.nn.Module    # the same, DDP-wrapped with several processes
+    opt: torch.optim.Optimizer
+    sched: object           # warmup + cosine LambdaLR, stepped every iteration (Supp. B.4)
+    scaler: object          # GradScaler (--amp fp16) or a no-op
+    loader: torch.utils.data.DataLoader
+    log: "wi.CSVLog"
+    val_ds: object
+    cfg: "data.GridConfig"
+    config: dict            # config.json, stored in every checkpoint
+    device: torch.device
+    out: Path
+    per_epoch: int          # iterations per epoch
+    stop: int               # iteration to stop at (the budget, or --max-iters)
+    total: int              # iterations of the whole schedule
+
+
+@dataclass
+class Progress:
+    """Where the loop is and what it has counted: saved in every ckpt_last.pth, restored by --resume."""
+    it: int = 0                        # optimizer steps done (epoch and batch follow from it)
+    counts: np.ndarray = None          # labelled training points seen per class (classes training never saw)
+
+
+def train_step(run, batch, it):
+    """One AdamW step on CE + Lovász; returns (loss, {'ce', 'lovasz'}, lr of the head group used)."""
+    device, amp = run.device, run.args.amp
     inputs = [batch[k].to(device, non_blocking=True) for k in ("feat", "cells", "neighbors", "occupied")]
     labels = batch["labels"].to(device)  # (ΣM,) kept points of every scan, concatenated
     with wi.autocast_context(device, amp):
-        out = net(*inputs)  # (B, K, Nmax)
+        out = run.net(*inputs)  # (B, K, Nmax)
     logits = wi.unpad_points(out, batch["num_points"])  # (ΣM, K), the order of `labels`
     # ScaLR utils/metrics.py: CE (ignore 255) + 1.0 * Lovász-softmax
     loss, parts = wi.seg_loss(logits, labels, return_parts=True)
     wi.check_finite(loss, it + 1)  # 1-based, as log.csv
-    lr = opt.param_groups[-1]["lr"]  # the lr of this step, head group (layer id L + 1, scale 1); the first is 0
-    opt.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(opt)
-    scaler.update()
-    sched.step()  # ScaLR utils/finetuner.py: stepped every iteration
+    lr = run.opt.param_groups[-1]["lr"]  # the lr of this step, head group (layer id L + 1, scale 1); the first is 0
+    run.opt.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    run.scaler.step(run.opt)
+    run.scaler.update()
+    run.sched.step()  # ScaLR utils/finetuner.py: stepped every iteration
     return loss, parts, lr
+
+
+def train(run, p):
+    """Supp. B.4 finetuning, distill.train's shape: epochs of AdamW steps until run.stop, data.set_epoch skipping
+    the batches a resumed run already did, ckpt_last.pth after every epoch (and --eval-every validations)."""
+    args = run.args
+    bar = tqdm(total=run.stop, initial=p.it, desc="finetune", disable=not wi.is_main())
+    while p.it < run.stop:
+        epoch, done = divmod(p.it, run.per_epoch)
+        data.set_epoch(run.loader, epoch, batches_done=done)  # mid-epoch resume skips the batches already seen
+        run.net.train()
+        for batch in run.loader:
+            loss, parts, lr = train_step(run, batch, p.it)
+            p.it += 1
+            p.counts += wi.label_counts(batch["labels"], len(p.counts))
+            bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
+            loss = wi.all_reduce_mean(loss.detach())  # the loss of the global batch (rank 0 logs it)
+            run.log.log(epoch=epoch, iteration=p.it, lr=lr, loss=loss.item(), **parts)
+            if p.it >= run.stop:
+                break
+        save_state(run, p)  # after every epoch and when stopping early (--max-iters)
+        if args.eval_every and p.it % run.per_epoch == 0 and (p.it // run.per_epoch) % args.eval_every == 0 \
+                and p.it < run.total:
+            miou = wi.summarise_confusion(evaluate_split(run.model, run.val_ds, run.cfg, args, run.device)[0],
+                                          run.config["class_names"], p.counts, not args.unseen_as_zero)["miou"]
+            run.log.log(epoch=epoch, iteration=p.it, val_miou=miou)
+            wi.print0(f"epoch {epoch + 1}: val mIoU {miou:.1f}")
+    bar.close()
 
 
 def make_optimizer(model, args, iters_per_epoch):
@@ -427,50 +486,33 @@ def make_optimizer(model, args, iters_per_epoch):
     return opt, sched
 
 
-def train(args, model, train_loader, val_ds, cfg, config, device, out, st=None):
-    """Finetunes the whole network, continuing from the training state `st` of --resume if given; returns (number
-    of iterations done, labelled training points seen per class summed over ranks: the classes never seen in
-    training, see waffleiron.summarise_confusion). The loop has distill.train's shape: epochs of steps until
-    `stop`, data.set_epoch skipping the batches a resumed run already did, ckpt_last.pth after every epoch."""
-    net = wi.wrap_ddp(model, device)
+def setup_training(args, model, train_loader, val_ds, cfg, config, device, out, st=None):
+    """The Run of a finetuning (optimizer over layer-decay groups, schedule, scaler, log) and its Progress,
+    continued from the training state `st` of --resume if given."""
     ipe = len(train_loader)
     opt, sched = make_optimizer(model, args, ipe)
     scaler = wi.make_grad_scaler(args.amp, device)
-    total, it = args.epochs * ipe, 0
-    counts = np.zeros(len(config["class_names"]), dtype=np.int64)
+    total = args.epochs * ipe
+    p = Progress(counts=np.zeros(len(config["class_names"]), dtype=np.int64))
     if st is not None:
-        _, it = wi.restore_training_state(st, model, opt, sched, scaler, model_key="net")
-        counts = np.asarray(st.get("train_counts", counts), dtype=np.int64)
-        wi.print0(f"resumed from {out / 'ckpt_last.pth'} at iteration {it} (epoch {it // ipe}, batch {it % ipe})")
+        _, p.it = wi.restore_training_state(st, model, opt, sched, scaler, model_key="net")
+        p.counts = np.asarray(st.get("train_counts", p.counts), dtype=np.int64)
+        wi.print0(f"resumed from {out / 'ckpt_last.pth'} at iteration {p.it} (epoch {p.it // ipe}, batch "
+                  f"{p.it % ipe})")
     log = wi.CSVLog(out / "log.csv", ["epoch", "iteration", "lr", "loss", "ce", "lovasz", "val_miou"],
-                    resume_iteration=it if st is not None else None)
-    stop = min(total, args.max_iters) if args.max_iters else total
-    bar = tqdm(total=stop, initial=it, desc="finetune", disable=not wi.is_main())
-    while it < stop:
-        epoch, done = divmod(it, ipe)
-        data.set_epoch(train_loader, epoch, batches_done=done)  # mid-epoch resume skips the batches already seen
-        net.train()
-        for batch in train_loader:
-            loss, parts, head_lr = train_step(net, batch, opt, sched, scaler, device, args.amp, it)
-            it += 1
-            counts += wi.label_counts(batch["labels"], len(counts))
-            bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}", lr=f"{head_lr:.2e}")
-            loss = wi.all_reduce_mean(loss.detach())  # the loss of the global batch (rank 0 logs it)
-            log.log(epoch=epoch, iteration=it, lr=head_lr, loss=loss.item(), **parts)
-            if it >= stop:
-                break
-        state = wi.training_state(model, opt, sched, scaler, it // ipe, it, model_key="net", config=config,
-                                  extra={"train_counts": counts.tolist()})
-        if wi.is_main():  # after every epoch and when stopping early (--max-iters): atomic
-            wi.save_checkpoint(out / "ckpt_last.pth", **state)
-        if args.eval_every and it % ipe == 0 and (it // ipe) % args.eval_every == 0 and it < total:
-            miou = wi.summarise_confusion(evaluate_split(model, val_ds, cfg, args, device)[0],
-                                          config["class_names"], counts, not args.unseen_as_zero)["miou"]
-            log.log(epoch=epoch, iteration=it, val_miou=miou)
-            wi.print0(f"epoch {epoch + 1}: val mIoU {miou:.1f}")
-    bar.close()
-    return it, wi.all_reduce_sum(counts)
+                    resume_iteration=p.it if st is not None else None)
+    run = Run(args=args, model=model, net=wi.wrap_ddp(model, device), opt=opt, sched=sched, scaler=scaler,
+              loader=train_loader, log=log, val_ds=val_ds, cfg=cfg, config=config, device=device, out=out,
+              per_epoch=ipe, stop=min(total, args.max_iters) if args.max_iters else total, total=total)
+    return run, p
+
+
+def save_state(run, p):
+    """ckpt_last.pth (resume state, atomic); every rank calls it (RNG states are gathered), rank 0 writes."""
+    state = wi.training_state(run.model, run.opt, run.sched, run.scaler, p.it // run.per_epoch, p.it,
+                              model_key="net", config=run.config, extra={"train_counts": p.counts.tolist()})
+    if wi.is_main():
+        wi.save_checkpoint(run.out / "ckpt_last.pth", **state)
 
 
 def resolve_budget(args, num_train_scans, world):
@@ -561,11 +603,12 @@ def main(argv=None):
         (out / "config.json").write_text(json.dumps(config, indent=1, default=str))
     t0 = time.time()
     train_loader = segmentation_loader(train_ds, cfg, args, train=True, subset=subset)
+    run, p = setup_training(args, model, train_loader, val_ds, cfg, config, device, out, st)
     try:
-        iters, counts = train(args, model, train_loader, val_ds, cfg, config, device, out, st)
+        train(run, p)
     except FloatingPointError as err:  # as distill.py: one line, the last good ckpt_last.pth kept
         raise SystemExit(wi.diverged_message(err, out)) from None
-    finish(args, model, ckpt, class_names, val_ds, cfg, config, device, out, iters, t0, counts)
+    finish(args, model, ckpt, class_names, val_ds, cfg, config, device, out, p.it, t0, wi.all_reduce_sum(p.counts))
     wi.ddp_cleanup()
 
 
