@@ -27,7 +27,9 @@ import json
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -496,30 +498,92 @@ def subsample_points(feats_list, labels, n, rng):
     return kept_f, torch.cat(kept_l)
 
 
-def head_step(train_head, opt, sched, scaler, feats_list, labels, args, device, it):
+class Run(NamedTuple):
+    """The fixed parts of a linear probe, built once by setup_head_training()."""
+    args: argparse.Namespace
+    model: torch.nn.Module       # frozen backbone + the head, as saved
+    train_head: torch.nn.Module  # model.classif, DDP-wrapped with several processes (the only trained part)
+    opt: torch.optim.Optimizer
+    sched: object                # warmup + cosine LambdaLR, stepped every iteration (Supp. B.3)
+    scaler: object               # GradScaler (--amp fp16) or a no-op
+    train_src: object            # LiveFeatures / CachedFeatures: (features, labels) batches of an epoch
+    val_src: object
+    log: "wi.CSVLog"
+    config: dict
+    device: torch.device
+    out: Path
+    per_epoch: int
+    stop: int                    # iteration to stop at (the budget, or --max-iters)
+
+
+@dataclass
+class Progress:
+    """Where the loop is and what it has counted: saved in every ckpt_last.pth, restored by --resume."""
+    epoch: int = 0               # epochs done (a resume restarts at an epoch boundary)
+    it: int = 0                  # head steps done
+    counts: np.ndarray = None    # labelled training points seen per class (classes training never saw)
+
+
+def head_step(run, feats_list, labels, it):
     """One AdamW step of the head (Supp. B.3) on a batch of features; returns (loss, {'ce', 'lovasz'}, lr used).
     A NaN/inf loss raises FloatingPointError before the update (wi.check_finite)."""
+    args = run.args
     if args.head_points:
         feats_list, labels = subsample_points(feats_list, labels, args.head_points,
                                               np.random.default_rng([args.seed, it]))
-    logits = head_logits(train_head, feats_list, device, args.amp)  # (ΣM, K)
-    loss, parts = wi.seg_loss(logits, labels.to(device), return_parts=True)  # CE + Lovász (docs/official.md §2)
+    logits = head_logits(run.train_head, feats_list, run.device, args.amp)  # (ΣM, K)
+    loss, parts = wi.seg_loss(logits, labels.to(run.device), return_parts=True)  # CE + Lovász (docs/official.md §2)
     wi.check_finite(loss, it + 1)  # 1-based, as log.csv
-    lr = opt.param_groups[0]["lr"]  # the lr of this step (the first one is 0, ScaLR utils/scheduler.py)
-    opt.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(opt)
-    scaler.update()
-    sched.step()
+    lr = run.opt.param_groups[0]["lr"]  # the lr of this step (the first one is 0, ScaLR utils/scheduler.py)
+    run.opt.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    run.scaler.step(run.opt)
+    run.scaler.update()
+    run.sched.step()
     return loss, parts, lr
+
+
+def train(run, p):
+    """Supp. B.3 linear probing, distill.train's shape: epochs of head steps until run.stop, ckpt_last.pth after
+    every epoch (and --eval-every validations)."""
+    args, num_classes = run.args, run.config["num_classes"]
+    bar = tqdm(total=run.stop, initial=p.it, desc="head", disable=not wi.is_main())
+    while p.epoch < args.epochs and p.it < run.stop:
+        run.model.eval()
+        run.model.classif.train()  # only the head (its BN) in train mode (docs/official.md §2)
+        for feats_list, labels in run.train_src.epoch(p.epoch):
+            p.counts += wi.label_counts(labels, num_classes)  # before any point subsampling
+            loss, parts, lr = head_step(run, feats_list, labels, p.it)
+            p.it += 1
+            bar.update(1)
+            bar.set_postfix(epoch=p.epoch + 1, loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
+            run.log.log(epoch=p.epoch, iteration=p.it, lr=lr, loss=loss.item(), **parts)
+            if p.it >= run.stop:
+                break
+        p.epoch += 1  # (a --max-iters stop in mid-epoch counts that epoch as done: smoke runs only)
+        save_state(run, p)
+        if args.eval_every and p.epoch % args.eval_every == 0 and p.epoch < args.epochs and p.it < run.stop:
+            cm = wi.all_reduce_sum(confusion_of_records(run.model.classif, run.val_src.records(), num_classes,
+                                                        run.device, args.amp))
+            miou = wi.summarise_confusion(cm, run.config["class_names"], p.counts, not args.unseen_as_zero)["miou"]
+            run.log.log(epoch=p.epoch - 1, iteration=p.it, val_miou=miou)
+            wi.print0(f"epoch {p.epoch}: val mIoU {miou:.1f}")
+    bar.close()
 
 
 def train_probe(args, model, train_src, val_src, config, device, out):
     """Trains model.classif (the only trainable part) on the frozen trunk's features; returns (labelled training
-    points seen per class summed over ranks, steps done by this run). The loop has distill.train's shape: epochs
-    of head steps until `stop`, ckpt_last.pth after every epoch (a resume restarts at an epoch boundary)."""
+    points seen per class summed over ranks, steps done by this run)."""
+    run, p = setup_head_training(args, model, train_src, val_src, config, device, out)
+    first = p.it
+    train(run, p)
+    return wi.all_reduce_sum(p.counts), p.it - first
+
+
+def setup_head_training(args, model, train_src, val_src, config, device, out):
+    """The Run of a linear probe (AdamW on the head, schedule, scaler, log) and its Progress, restored from
+    OUT/ckpt_last.pth with --resume."""
     head = model.classif
-    train_head = wi.wrap_ddp(head, device)  # DDP on the head only: the trunk has no gradient
     opt = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=args.weight_decay)  # Supp. B.3
     ipe = train_src.iters_per_epoch
     # Supp. B.3: LR 0 -> lr over the warmup epochs, then cosine to min_lr, stepped every iteration
@@ -527,47 +591,30 @@ def train_probe(args, model, train_src, val_src, config, device, out):
     sched = wi.make_scheduler(opt, warmup_iters=round(args.warmup_epochs * ipe), total_iters=args.epochs * ipe,
                               min_lr=args.min_lr, base_lr=args.lr)
     scaler = wi.make_grad_scaler(args.amp, device)
-    num_classes = config["num_classes"]
-    start_epoch, it, counts = 0, 0, np.zeros(num_classes, dtype=np.int64)
+    p = Progress(counts=np.zeros(config["num_classes"], dtype=np.int64))
     if args.resume:
-        start_epoch, it, counts = resume_probe(out / "ckpt_last.pth", model, opt, sched, scaler)
-        wi.print0(f"resumed from {out / 'ckpt_last.pth'} at epoch {start_epoch}, iteration {it}")
+        p.epoch, p.it, p.counts = resume_probe(out / "ckpt_last.pth", model, opt, sched, scaler)
+        wi.print0(f"resumed from {out / 'ckpt_last.pth'} at epoch {p.epoch}, iteration {p.it}")
     log = wi.CSVLog(out / "log.csv", ["epoch", "iteration", "lr", "loss", "ce", "lovasz", "val_miou"],
-                    resume_iteration=it if args.resume else None)
+                    resume_iteration=p.it if args.resume else None)
     stop = min(args.max_iters, args.epochs * ipe) if args.max_iters else args.epochs * ipe
     wi.print0(f"budget: {args.epochs} epochs x {ipe} it = {args.epochs * ipe} iterations (warmup "
               f"{round(args.warmup_epochs * ipe)}), batch {'all train scans' if args.full_batch else args.batch_size}"
               f", lr {args.lr} -> {args.min_lr}, wd {args.weight_decay}, aug {'on' if args.aug else 'off'}, "
               f"features {args.cache_features}, points per scan {args.head_points or 'all'}"
               + (f"; stopping after {stop} (--max-iters)" if stop < args.epochs * ipe else ""))
-    first = it
-    bar = tqdm(total=stop, initial=it, desc="head", disable=not wi.is_main())
-    for epoch in range(start_epoch, args.epochs):
-        if it >= stop:
-            break
-        model.eval()
-        head.train()  # only the head (its BN) in train mode (docs/official.md §2)
-        for feats_list, labels in train_src.epoch(epoch):
-            counts += wi.label_counts(labels, num_classes)  # before any point subsampling
-            loss, parts, lr = head_step(train_head, opt, sched, scaler, feats_list, labels, args, device, it)
-            it += 1
-            bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
-            log.log(epoch=epoch, iteration=it, lr=lr, loss=loss.item(), **parts)
-            if it >= stop:
-                break
-        # (a --max-iters stop in mid-epoch counts that epoch as done: smoke runs only)
-        state = wi.training_state(model, opt, sched, scaler, epoch + 1, it, extra={"train_counts": counts.tolist()},
-                                  model_key="net", config=config)  # on every rank (it gathers RNG states)
-        if wi.is_main():
-            wi.save_checkpoint(out / "ckpt_last.pth", **state)
-        if args.eval_every and (epoch + 1) % args.eval_every == 0 and epoch + 1 < args.epochs and it < stop:
-            cm = wi.all_reduce_sum(confusion_of_records(head, val_src.records(), num_classes, device, args.amp))
-            miou = wi.summarise_confusion(cm, config["class_names"], counts, not args.unseen_as_zero)["miou"]
-            log.log(epoch=epoch, iteration=it, val_miou=miou)
-            wi.print0(f"epoch {epoch + 1}: val mIoU {miou:.1f}")
-    bar.close()
-    return wi.all_reduce_sum(counts), it - first
+    run = Run(args=args, model=model, train_head=wi.wrap_ddp(head, device),  # DDP on the head only
+              opt=opt, sched=sched, scaler=scaler, train_src=train_src, val_src=val_src, log=log, config=config,
+              device=device, out=out, per_epoch=ipe, stop=stop)
+    return run, p
+
+
+def save_state(run, p):
+    """ckpt_last.pth (resume state, atomic); every rank calls it (it gathers the RNG states), rank 0 writes."""
+    state = wi.training_state(run.model, run.opt, run.sched, run.scaler, p.epoch, p.it,
+                              extra={"train_counts": p.counts.tolist()}, model_key="net", config=run.config)
+    if wi.is_main():
+        wi.save_checkpoint(run.out / "ckpt_last.pth", **state)
 
 
 # ----------------------------------------------------------------------------------------------------------------
