@@ -2198,45 +2198,47 @@ def _dataset_args(p):
                    "scene lists; without it v1.0-trainval uses the official devkit lists (NUSCENES_SPLITS)")
 
 
+def _dataset_command(cmd, argv):
+    """data.py inspect | splits | subset: one dataset split, --out DIR."""
+    p = argparse.ArgumentParser(prog=f"data.py {cmd}")
+    _dataset_args(p)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--sample", default=None, help="nuScenes sample token (inspect)")
+    p.add_argument("--index", type=nonneg_int, default=0, help="scan index in the split (inspect; default 0)")
+    p.add_argument("--colour", default="depth", choices=["depth", "label"], help="point colour (inspect)")
+    p.add_argument("--fraction", type=positive_float, default=0.01,
+                   help="label fraction in (0, 1] (subset; official 1%% / 10%%: 0.01 / 0.1)")
+    p.add_argument("--subset-file", default=None, help="official .npy frame list (subset; nuScenes); plain "
+                                                       "string arrays only (no pickle)")
+    a = p.parse_args(argv)
+    if a.data not in DATASET_NAMES:
+        p.error(f"unknown --data {a.data!r}; valid names: {', '.join(DATASET_NAMES)}")
+    if a.fraction > 1.0:
+        p.error(f"--fraction must be in (0, 1] (e.g. 0.01 or 0.1), got {a.fraction:g}")
+    ds = get_dataset(a.data, a.root, a.split, a.version, split_file=a.split_file, out_dir=a.out)
+    if cmd == "inspect":
+        if a.sample and not hasattr(ds, "index_of"):
+            raise SettingError("--sample (a nuScenes sample token) needs --data nuscenes or toy", "--sample",
+                               "use --index for this dataset")
+        i = ds.index_of(a.sample) if a.sample else a.index
+        if i >= len(ds):
+            raise SettingError(f"scan index {i} is out of range: split {a.split!r} has {len(ds)} scans",
+                               "--index", f"use 0..{len(ds) - 1}")
+        inspect_scan(ds, i, a.out, a.colour)
+    elif cmd == "subset":
+        label_subset(ds, a.fraction, a.subset_file, a.out)
+    else:
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        path = Path(a.out) / f"split_{ds.name}_{a.split}.txt"
+        path.write_text("".join(ds.scan_id(i) + "\n" for i in range(len(ds))))
+        print(f"[data] {ds.name} split {a.split}: {len(ds)} scans -> {path}")
+
+
 def main(argv=None):
-    """CLI: --bench | --make-toy DIR | inspect ... | splits ... | subset ... (see module docstring)."""
-    import argparse
+    """CLI: --bench | --make-toy DIR | --toy-preview PNG | inspect ... | splits ... | subset ... (module docstring)."""
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("inspect", "splits", "subset"):
-        cmd, argv = argv[0], argv[1:]
-        p = argparse.ArgumentParser(prog=f"data.py {cmd}")
-        _dataset_args(p)
-        p.add_argument("--out", required=True, help="output folder")
-        p.add_argument("--sample", default=None, help="nuScenes sample token (inspect)")
-        p.add_argument("--index", type=nonneg_int, default=0, help="scan index in the split (inspect; default 0)")
-        p.add_argument("--colour", default="depth", choices=["depth", "label"], help="point colour (inspect)")
-        p.add_argument("--fraction", type=positive_float, default=0.01,
-                       help="label fraction in (0, 1] (subset; official 1%% / 10%%: 0.01 / 0.1)")
-        p.add_argument("--subset-file", default=None, help="official .npy frame list (subset; nuScenes); plain "
-                                                           "string arrays only (no pickle)")
-        a = p.parse_args(argv)
-        if a.data not in DATASET_NAMES:
-            p.error(f"unknown --data {a.data!r}; valid names: {', '.join(DATASET_NAMES)}")
-        if a.fraction > 1.0:
-            p.error(f"--fraction must be in (0, 1] (e.g. 0.01 or 0.1), got {a.fraction:g}")
-        ds = get_dataset(a.data, a.root, a.split, a.version, split_file=a.split_file, out_dir=a.out)
-        if cmd == "inspect":
-            if a.sample and not hasattr(ds, "index_of"):
-                raise SettingError("--sample (a nuScenes sample token) needs --data nuscenes or toy", "--sample",
-                                   "use --index for this dataset")
-            i = ds.index_of(a.sample) if a.sample else a.index
-            if i >= len(ds):
-                raise SettingError(f"scan index {i} is out of range: split {a.split!r} has {len(ds)} scans",
-                                   "--index", f"use 0..{len(ds) - 1}")
-            inspect_scan(ds, i, a.out, a.colour)
-        elif cmd == "subset":
-            label_subset(ds, a.fraction, a.subset_file, a.out)
-        else:
-            Path(a.out).mkdir(parents=True, exist_ok=True)
-            path = Path(a.out) / f"split_{ds.name}_{a.split}.txt"
-            path.write_text("".join(ds.scan_id(i) + "\n" for i in range(len(ds))))
-            print(f"[data] {ds.name} split {a.split}: {len(ds)} scans -> {path}")
-        return
+        return _dataset_command(argv[0], argv[1:])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--bench", action="store_true", help="time each preprocessing step on 20k / 35k point scans")
     p.add_argument("--make-toy", metavar="DIR", default=None, help="write the toy world (nuscenes/ + "
