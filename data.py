@@ -2235,7 +2235,7 @@ def _dataset_command(cmd, argv):
 
 
 def main(argv=None):
-    """CLI: --bench | --make-toy DIR | --toy-preview PNG | inspect ... | splits ... | subset ... (module docstring)."""
+    """CLI: --bench | --make-toy DIR | --toy-preview PNG | inspect | splits | subset (see the module docstring)."""
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("inspect", "splits", "subset"):
         return _dataset_command(argv[0], argv[1:])
