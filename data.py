@@ -1630,18 +1630,12 @@ class SegmentationDataset(_torch_dataset_base()):
     def __len__(self):
         return len(self.indices)
 
-    def raw_item(self, item):
-        """item j or (j, epoch) -> (scan index i, its reader, index in the reader, raw labels, seed of this item's
-        train randomness [seed, epoch, j] for np.random.default_rng; None in eval)."""
+    def __getitem__(self, item):  # item: j or (j, epoch); train randomness seeded by [seed, epoch, j]
         j, epoch = item if isinstance(item, tuple) else (item, 0)
         i = self.indices[j]
         sub, k = self.ds.sub(i) if hasattr(self.ds, "sub") else (self.ds, i)
-        seed = [self.seed, int(epoch), int(j)] if self.train else None
-        return i, sub, k, sub.labels(k), seed
-
-    def __getitem__(self, item):
-        i, sub, k, labels, seed = self.raw_item(item)
-        rng = np.random.default_rng(seed) if seed is not None else None
+        labels = sub.labels(k)
+        rng = np.random.default_rng([self.seed, int(epoch), int(j)]) if self.train else None
         try:
             sample = prepare_scan(sub.points(k), sub.name, self.cfg, self.train, rng=rng, labels=labels)
         except NoPointInFovError as err:  # name the scan (the caller may skip and count it)
@@ -1695,8 +1689,8 @@ class ScoredBatches:
 
 
 # ==== [data] Loaders: one sampler for training and evaluation in every stage ====
-def _rank_world():
-    """(rank, world size) of this process: (0, 1) outside torch.distributed."""
+def rank_world():
+    """(rank, world size) of this process, (0, 1) outside torch.distributed: the one lookup of every file."""
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -1750,7 +1744,7 @@ def make_loader(dataset, global_batch, train, collate_fn=None, seed=0, workers=0
     (shuffled + drop_last for training), items (index, epoch) for the dataset to seed its randomness.
     Call set_epoch(loader, epoch, batches_done) at the start of every epoch."""
     import torch
-    rank, world = _rank_world()
+    rank, world = rank_world()
     sampler = EpochSampler(len(dataset), global_batch, train, seed=seed, rank=rank, world=world)
     return torch.utils.data.DataLoader(
         dataset, batch_size=global_batch // world, sampler=sampler, drop_last=False, collate_fn=collate_fn,

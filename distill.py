@@ -115,7 +115,7 @@ def reduce_loss(per_point, scan, n_scans, mode, device, n_points=None):
     The loss of the global batch is S / K with S, K the sums over ranks of loss_terms. DDP AVERAGES the gradients
     over the `world` ranks, so each rank backpropagates its own sum times world / K: the average is then exactly
     the gradient of S / K, whatever the world size."""
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    world = data.rank_world()[1]
     local_sum, local_count = loss_terms(per_point, scan, n_scans, mode)
     n_points = len(per_point) if n_points is None else n_points  # M (InfoNCE: all points, not the sampled ones)
     totals = wi.all_reduce_sum(torch.tensor([local_count, local_sum.item(), float(n_points)],

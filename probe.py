@@ -33,7 +33,6 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -390,7 +389,7 @@ class CachedFeatures:
     every epoch is ONE batch holding every cached scan of this rank. subset: dataset indices used (None: all)."""
 
     def __init__(self, model, ds, cfg, args, device, train, folder, subset=None):
-        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        rank, world = data.rank_world()
         scans = list(range(len(ds))) if subset is None else list(subset)
         self.full_batch = bool(train and getattr(args, "full_batch", False))
         # this rank's scans: train trimmed so that every rank does the same number of steps, val every scan once

@@ -1139,13 +1139,9 @@ def prepare_run_dir(out, resume=False, overwrite=False, flag='--out'):
     return out
 
 
-def check_resume_config(path, saved, current, keys=None, stage=None):
+def check_resume_config(path, saved, current, keys=None):
     """--resume must continue the same run: refuse, listing every setting that differs between the checkpoint's
     config and this command line (keys: which settings count; default all keys of `current`)."""
-    saved = saved or {}
-    if stage is not None and saved.get('stage', stage) != stage:
-        raise data.UserError(f'{path} is not a checkpoint of this stage (it was written by {saved.get("stage")})',
-                        '--resume', 'pass the --out of a previous run of this stage')
     keys = list(current) if keys is None else keys
     diff = [f'{k}: {saved.get(k)!r} in the checkpoint, {current.get(k)!r} now' for k in keys
             if k in saved and _plain(saved.get(k)) != _plain(current.get(k))]
@@ -1165,7 +1161,7 @@ def read_resume_checkpoint(path, config, stage, keys=None, defaults=None):
         written_by = (saved or {}).get('stage') or 'another program'
         raise data.UserError(f'{path} is not a checkpoint of this stage ({stage}; it was written by {written_by})',
                              '--resume', 'pass the --out of a previous run of this stage, or drop --resume')
-    check_resume_config(path, {**(defaults or {}), **saved}, config, keys=keys, stage=stage)
+    check_resume_config(path, {**(defaults or {}), **saved}, config, keys=keys)
     return st
 
 def diverged_message(err, out):
@@ -1239,11 +1235,11 @@ def setup_device(name=None):
 
 
 def _world_size():
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return data.rank_world()[1]
 
 
 def _rank():
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return data.rank_world()[0]
 
 
 def is_main():
