@@ -820,8 +820,9 @@ def _add_run_flags(a):
     a('--workers', type=data.nonneg_int, default=None,
       help='DataLoader worker processes per rank (default: 2; 0 on the toy, whose samples take ~15 ms each)')
     a('--threads', type=data.nonneg_int, default=None,
-      help='torch CPU threads (default: torch\'s own; 1 on the toy: on a busy 2-core machine, 2 OpenMP threads '
-           'plus loader workers were measured up to 20x slower)')
+      help='torch CPU threads (default: torch\'s own; on the toy on CPU, the cores idle at the start (waffleiron.'
+           'idle_cores): 2 threads are 1.37x faster on an idle 2-core machine, but 2 OpenMP threads beside a busy '
+           'process were measured up to 20x slower)')
     a('--seed', type=data.nonneg_int, default=0, help='seed of model init, scan order and per-scan randomness')
     a('--max-iters', type=data.nonneg_int, default=0,
       help='stop after this many iterations (smoke runs; 0 = full budget)')
@@ -950,7 +951,7 @@ def setup(args):
     if args.workers is None:
         args.workers = 0 if is_toy(args) else 2
     if args.threads is None and is_toy(args) and not torch.cuda.is_available():
-        args.threads = 1
+        args.threads = wi.idle_cores()  # 2 on an idle 2-core machine, 1 beside another busy process
     if args.threads:
         torch.set_num_threads(args.threads)
     rank, world, device = wi.setup_device(args.device)  # --device checked before any data is read

@@ -45,7 +45,6 @@ import socket
 import subprocess
 import sys
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -242,6 +241,7 @@ class _KittiObject(data._LidarDataset):
         h, w, l = box["hwl"]
         return (np.abs(x) <= l / 2) & (np.abs(z) <= w / 2) & (cam[:, 1] <= 0) & (cam[:, 1] >= -h)
 torch.set_num_threads(1)  # 2 shared cores: one intra-op thread is the fastest for these tiny models
+os.environ["OMP_NUM_THREADS"] = "1"  # the stages' toy default (waffleiron.idle_cores) and subprocesses follow it
 
 
 @pytest.fixture(scope="session")
@@ -1876,6 +1876,30 @@ def test_csv_log_resume_and_plot(tmp_path):
         log.log(iteration=1, acc=3)
     png = wi.plot_log(tmp_path / 'log.csv', tmp_path / 'loss.png', ['loss', 'lr'], title='toy')
     assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n' and png.stat().st_size > 2000
+
+
+@pytest.mark.parametrize('busy_ticks, omp, expected', [
+    (0, None, 2),      # both cores idle over the window: 2 threads
+    (100, None, 1),    # one core busy (half of the 200 ticks): 1 thread
+    (20, None, 2),     # 90 % idle on 2 cores = 1.8 -> 2 (a core 75 % idle counts as idle)
+    (60, None, 1),     # 70 % idle on 2 cores = 1.4 -> 1
+    (200, None, 1),    # everything busy: still 1
+    (200, '3', 3),     # OMP_NUM_THREADS set: it wins
+])
+def test_idle_cores_counts_idle_cores(tmp_path, monkeypatch, busy_ticks, omp, expected):
+    """The toy's default --threads: the cores idle during the window, read from two /proc/stat samples."""
+    stat = tmp_path / 'stat'
+    stat.write_text('cpu  1000 0 500 9000 100 0 0 0 0 0\ncpu0 1 2 3 4\n')
+    after = f'cpu  {1000 + busy_ticks} 0 500 {9000 + 200 - busy_ticks} 100 0 0 0 0 0\n'
+    monkeypatch.setattr(wi.time, 'sleep', lambda s: stat.write_text(after))  # the window passes
+    monkeypatch.setattr(wi.os, 'cpu_count', lambda: 2)
+    if omp is None:
+        monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
+    else:
+        monkeypatch.setenv('OMP_NUM_THREADS', omp)
+    assert wi.idle_cores(stat=str(stat)) == expected
+    monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
+    assert wi.idle_cores(stat=str(tmp_path / 'absent')) == 1  # no /proc/stat (not Linux): 1 thread
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -5878,8 +5902,8 @@ def test_features_cli_drops_a_nan_point_with_a_warning_naming_the_file(tmp_path,
     scan = tmp_path / "with_nan.npy"
     np.save(scan, points)
     wi.main(["features", "--ckpt", str(ckpt), "--scan", str(scan), "--out", str(tmp_path / "f.npy")])
-    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
-    assert len(warnings) == 1 and "2 of 80 points" in warnings[0] and str(scan) in warnings[0]
+    warned = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warned) == 1 and "2 of 80 points" in warned[0] and str(scan) in warned[0]
     feats = np.load(tmp_path / "f.npy")
     assert feats.shape == (80, 8) and np.isfinite(feats).all()
     clean = np.delete(points, [7, 9], axis=0)
