@@ -6,7 +6,7 @@ utils/scheduler.py for the schedule) is summarised in docs/official.md §2. No l
 scan ONE camera image is picked at random, the points visible in it are fed to the student (WaffleIron + head) and
 its output at each point is pulled towards the frozen image teacher's feature at the point's pixel with Eq. (1).
 
-    # toy world on CPU, ~10 min on 2 cores (tiny random-init DINOv2 teacher unless --teacher-weights is given)
+    # toy world on CPU, ~4 min on 2 idle cores (tiny random-init DINOv2 teacher unless --teacher-weights is given)
     python distill.py
     # Supp. B.2 mono-dataset setting: WI-48-256 on nuScenes, 19 epochs, batch 16, DINOv2 ViT-L/14 (Meta .pth)
     python distill.py --data nuscenes --root /data/nuscenes --version v1.0-trainval --preset mono \
