@@ -2152,6 +2152,32 @@ def test_supp_b2_multi_teacher_head_splits_and_normalises_each_part():
     assert torch.allclose(target[:, 6:].norm(dim=1), torch.ones(3), atol=1e-5)
 
 
+def test_teacher_cache_gives_the_targets_of_a_fresh_forward_and_runs_each_image_once():
+    """--cache-teacher: an image's teacher features are computed once and reused (exact: frozen teacher, images not
+    augmented). Targets equal those of the uncached forward, for new, cached and repeated images in one batch."""
+    torch.manual_seed(0)
+    teachers = [distill.build_teacher('dinov2_vitl14', (56, 112), tiny=True, verbose=False),
+                distill.build_teacher('dino_vits8', (56, 112), tiny=True, verbose=False)]
+    calls = []
+    for t in teachers:
+        t.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    images = torch.rand(3, 3, 56, 112)
+    pairs = torch.tensor([[0, 0, 0], [1, 55, 111], [2, 13, 20], [0, 5, 40], [1, 2, 3]])
+    keys = [('s0', 'CAM_FRONT'), ('s1', 'CAM_BACK'), ('s2', 'CAM_FRONT')]
+    cache = {}
+    fresh = distill.teacher_targets(teachers, images, pairs)                       # (5, C1 + C2)
+    first = distill.teacher_targets(teachers, images[:2], pairs[:2], cache, keys[:2])
+    assert calls[2:] == [1, 1, 1, 1] and set(cache) == set(keys[:2])  # 2 new images x 2 teachers, one at a time
+    calls.clear()
+    # images in another order: rows 2, 3, 4 of `pairs` seen through positions 0, 1, 2 of the new batch
+    again = distill.teacher_targets(teachers, images[[2, 0, 1]], torch.tensor([[0, 13, 20], [1, 5, 40], [2, 2, 3]]),
+                                    cache, [keys[2], keys[0], keys[1]])
+    assert calls == [1, 1] and len(cache) == 3  # only the third image was new
+    torch.testing.assert_close(first, fresh[:2], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(again, fresh[2:], rtol=1e-5, atol=1e-6)
+    assert fresh.abs().max() > 0.01
+
+
 @pytest.fixture(scope='module')
 def _distill_toy(toy4):
     """The session's small toy world (3 train scans) in a tmp folder; never the repository's data/toy."""
@@ -5764,6 +5790,43 @@ def test_train_embedding_updates_batchnorm_statistics_like_the_official_layers()
             torch.testing.assert_close(a.running_mean, b.running_mean)
             torch.testing.assert_close(a.running_var, b.running_var)
             assert int(a.num_batches_tracked) == int(b.num_batches_tracked) == 1
+
+
+def test_train_embedding_folded_batchnorms_give_the_gradients_of_the_official_layers():
+    """Point tokens in training: conv2's BatchNorm2d -> Conv2d -> BatchNorm2d run as one affine map built from the
+    batch statistics (Embedding.neighbour_affine). Same outputs, same gradients for every parameter and the
+    input, and the same running statistics as the layer-by-layer module, over two steps (momentum applied twice)
+    and with non-trivial BatchNorm affine parameters."""
+    model = _model_tiny(width=16, depth=1, head=None).train()
+    with torch.no_grad():
+        for bn in (model.embed.conv2[0], model.embed.conv2[2]):
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+    twin = copy.deepcopy(model)
+    for step in range(2):
+        feat, _, neighbors, occupied = wi.synthetic_batch(2, 150, 4, model.grids, seed=10 + step)
+        feat = feat * torch.tensor([1.0, 20.0, 20.0, 2.0, 20.0]).view(1, 5, 1)   # lidar-like scales
+        for b in range(2):  # k DISTINCT neighbours per real point, as a kNN gives
+            n = int(occupied[b].sum())
+            neighbors[b, :, :n] = torch.rand(n, n, generator=torch.Generator().manual_seed(b)).argsort(1)[:, :4].T
+        f1, f2 = feat.clone().requires_grad_(), feat.clone().requires_grad_()
+        ours = model.embed(f1, neighbors)                                            # (B, N, F)
+        naive = wi.naive_embedding(twin.embed, f2, neighbors).transpose(1, 2)
+        torch.testing.assert_close(ours, naive, rtol=1e-5, atol=1e-5)
+        g = torch.randn_like(ours) * occupied[:, :, None]  # padding gets no gradient in a model (see SpatialMix)
+        (ours * g).sum().backward()
+        (naive * g).sum().backward()
+        torch.testing.assert_close(f1.grad, f2.grad, rtol=1e-4, atol=1e-5)
+    for (name, a), (_, b) in zip(model.embed.named_parameters(), twin.embed.named_parameters()):
+        if name == "conv2.0.bias":  # cancelled by the second BatchNorm: exactly 0 here, float noise there
+            assert a.grad is None or a.grad.abs().max() == 0
+            assert b.grad.abs().max() < 1e-4 * model.embed.conv2[1].weight.grad.abs().max()
+            continue
+        assert b.grad.abs().max() > 0, name
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-4 * float(b.grad.abs().max()), msg=name)
+    for (name, a), (_, b) in zip(model.embed.named_buffers(), twin.embed.named_buffers()):
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-5, atol=1e-6, msg=name)
+        assert name.endswith("num_batches_tracked") is False or int(a) == 2
 
 
 def test_linear_head_as_matmul_equals_the_conv1d_module():

@@ -71,8 +71,9 @@ import data
 # same (F, F, 1) parameters), and the 2D "flatten"/"inflate" of the spatial mixing are row-wise `index_add_` /
 # `index_select` with one index per point (instead of one index per point AND channel for `scatter`/`gather`).
 # The per-plane cell index and the 1/count weights are computed once per batch, not once per layer.
-# The embedding's neighbour branch keeps the official (B, C, k, N) layout in training (its BatchNorms are accurate
-# there) and in eval folds its BatchNorms into one affine map on rows (Embedding.forward_eval).
+# The embedding's neighbour branch runs its BatchNorm2d -> Conv2d -> BatchNorm2d as one affine map of the 5 input
+# channels (Embedding.neighbour_affine): from the batch statistics in training (the official (B, C, k, N) layout,
+# no BatchNorm over the F-channel neighbour tensor), from the running ones in eval (on rows, Embedding.forward_eval).
 # The spatial mixing of a mostly empty grid (a lidar scan fills ~4 % of the 256 x 256 cells) is computed at the
 # occupied cells only (sparse_plane, sparse_depthwise_conv3x3), with the same sums as the dense convolutions.
 # `naive_forward_features` below is a direct implementation of the official layout and per-layer
@@ -138,6 +139,19 @@ class DropPath(nn.Module):
         return f"p={self.p}"
 
 
+def _update_running_stats(bn, mean, var, count):
+    """What nn.BatchNorm does to its running statistics in training, given the batch mean and biased variance of
+    `count` values per channel: running = (1 - m) running + m batch, with the unbiased variance (m = momentum, or
+    1 / batches seen when momentum is None)."""
+    if not bn.training or bn.running_mean is None:
+        return
+    with torch.no_grad():
+        bn.num_batches_tracked.add_(1)
+        m = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+        bn.running_mean.mul_(1 - m).add_(mean.to(bn.running_mean.dtype), alpha=m)
+        bn.running_var.mul_(1 - m).add_(var.to(bn.running_var.dtype) * (count / max(count - 1, 1)), alpha=m)
+
+
 class Embedding(nn.Module):
     """Point tokens (WI paper, "point tokens"; WaffleIron waffleiron/embedding.py): BatchNorm always, even in
     LayerNorm models.
@@ -161,18 +175,56 @@ class Embedding(nn.Module):
     def neighbour_max(self, x, neighbors, start=0):
         """x (B, C, N) normalised features; neighbors (B, k, n): neighbours of the points start..start+n-1.
         Returns max over the k neighbours of conv2(x_neighbour - x_centre): (B, F, n).
-        This branch keeps the official channels-first layout (B, C, k, n): its BatchNorm2d's are fast and accurate
-        there (their CPU kernel for rows, (B*k*n, C, 1, 1), accumulates the statistics less accurately: ~1e-4).
-        The 1x1 Conv2d's are run as matmuls W @ (B, C, k*n) on the same weights (faster than conv2d on CPU)."""
+        conv2's first three layers (BatchNorm2d -> Conv2d C_in->F -> BatchNorm2d) are affine in rel, so they run as
+        one map A rel + a (neighbour_affine), with the batch statistics of both BatchNorms in training: the same
+        function as the layer-by-layer module, without a BatchNorm forward and backward over the (B, F, k, n)
+        tensor (half the time of this branch on CPU). The 1x1 Conv2d's are matmuls on the same weights."""
         B, C, N = x.shape
         k, n = neighbors.shape[1:]
         nb = x.gather(2, neighbors.reshape(B, 1, k * n).expand(B, C, k * n)).view(B, C, k, n)  # (B, C, k, n)
-        rel = nb - x[:, :, start:start + n].unsqueeze(2)                                     # (B, C, k, n)
-        bn0, conv_a, bn1, act, conv_b = self.conv2
-        h = pointwise(conv_a.weight, bn0(rel).view(B, C, k * n))                             # (B, F, k*n)
-        h = activation_(act, bn1(h.view(B, -1, k, n)))                                       # (B, F, k, n)
-        h = pointwise(conv_b.weight, h.view(B, -1, k * n))                                   # (B, F, k*n)
+        rel = (nb - x[:, :, start:start + n].unsqueeze(2)).view(B, C, k * n)                 # (B, C, k*n)
+        A, a = self.neighbour_affine(rel)                                                    # (F, C), (F,)
+        act, conv_b = self.conv2[3], self.conv2[4]
+        h = activation_(act, pointwise(A, rel, a))                                           # (B, F, k*n)
+        h = pointwise(conv_b.weight, h)                                                      # (B, F, k*n)
         return h.view(B, -1, k, n).max(dim=2).values  # (B, F, n); max, not amax: the gradient goes to one neighbour
+
+    def neighbour_affine(self, rel=None):
+        """(A, a), A (F, C_in) and a (F,), such that BN1(conv_a(BN0(rel))) = A rel + a for every column of rel
+        (B, C_in, L). Each BatchNorm uses its batch statistics in training (and updates its running ones, as
+        nn.BatchNorm2d does) and its running statistics in eval (then rel may be None).
+        With BN(y) = d (y - m) + beta, d = gamma / sqrt(v + eps) and W = conv_a's weight:
+          z = d0 (rel - m0) + beta0,  h = W z,  BN1(h) = d1 (h - m1) + beta1
+          => A = diag(d1) W diag(d0),  a = d1 (W (beta0 - d0 m0) - m1) + beta1.
+        In training m0, v0 are the mean and (biased) variance of rel over all B*L columns, padding included as in
+        the layer-by-layer module, and since h is linear in rel, h's batch statistics follow from rel's C_in x C_in
+        covariance S: m1 = W (d0 (mean(rel) - m0) + beta0), v1 = diag(W D0 S D0 W^T). Only C_in = 5 channels are
+        reduced over the columns, never the F-channel tensor."""
+        bn0, conv_a, bn1 = self.conv2[0], self.conv2[1], self.conv2[2]
+        W = conv_a.weight.flatten(1)                                                         # (F, C_in)
+        batch0, batch1 = (bn.training or bn.running_mean is None for bn in (bn0, bn1))  # as nn.BatchNorm decides
+        if batch0 or batch1:  # rel's mean and covariance, in fp32 whatever the autocast
+            with torch.autocast(rel.device.type, enabled=False):
+                cols = rel.float().transpose(0, 1).reshape(rel.shape[1], -1)                 # (C_in, B*L)
+                count = cols.shape[1]
+                mean = cols.mean(dim=1)                                                      # (C_in,)
+                centred = cols - mean[:, None]
+                cov = centred @ centred.t() / count                                          # (C_in, C_in)
+        if batch0:
+            m0, v0 = mean, cov.diagonal()
+            _update_running_stats(bn0, m0, v0, count)
+        else:
+            m0, v0 = bn0.running_mean, bn0.running_var
+        d0 = bn0.weight / torch.sqrt(v0 + bn0.eps)                                           # (C_in,)
+        Wd = W * d0                                                                          # W diag(d0)
+        if batch1:
+            m1 = W @ (d0 * (mean - m0) + bn0.bias)                                           # (F,)
+            v1 = ((Wd @ cov) * Wd).sum(dim=1)                                                # diag(Wd S Wd^T)
+            _update_running_stats(bn1, m1, v1, count)
+        else:
+            m1, v1 = bn1.running_mean, bn1.running_var
+        d1 = bn1.weight / torch.sqrt(v1 + bn1.eps)                                           # (F,)
+        return d1[:, None] * Wd, d1 * (W @ (bn0.bias - d0 * m0) - m1) + bn1.bias
 
     def forward(self, feat, neighbors):
         """feat (B, C_in, N), neighbors (B, k, N) -> tokens (B, N, F), token-major for the blocks."""
@@ -191,27 +243,15 @@ class Embedding(nn.Module):
         both = torch.cat([point, neighbour], dim=1).transpose(1, 2)                # (B, N, 2F) strided view
         return F.linear(both, self.final.weight.flatten(1), self.final.bias)       # (B, N, F)
 
-    def folded_neighbour_map(self):
-        """Eval only: the affine part of conv2 (BatchNorm2d -> Conv2d C_in->F -> BatchNorm2d, running statistics)
-        as one map rel -> A rel + a. BN(y) = s*y + t with s = gamma / sqrt(var + eps), t = beta - s*mean, so
-        A = diag(s2) W1 diag(s0) (F, C_in) and a = s2 * (W1 t0) + t2 (F,)."""
-        bn0, conv, bn2 = self.conv2[0], self.conv2[1], self.conv2[2]
-        s0 = bn0.weight / torch.sqrt(bn0.running_var + bn0.eps)
-        t0 = bn0.bias - s0 * bn0.running_mean
-        s2 = bn2.weight / torch.sqrt(bn2.running_var + bn2.eps)
-        t2 = bn2.bias - s2 * bn2.running_mean
-        w1 = conv.weight.flatten(1)                                                # (F, C_in)
-        return s2[:, None] * w1 * s0[None, :], s2 * (w1 @ t0) + t2
-
     def forward_eval(self, feat, neighbors):
         """Same numbers as forward() in eval mode (to float rounding), rearranged: token-major rows, the three
-        affine layers of conv2 folded into one (folded_neighbour_map), so the only big product left is the
+        affine layers of conv2 folded into one (neighbour_affine), so the only big product left is the
         k*N x F x F matmul of its last conv. Rows are chunked over points to bound memory (4 GB at N=90k,
         F=768); rel = x_j - x_i is formed on the C_in = 5 input channels, where it is exact."""
         B, C, N = feat.shape
         k = neighbors.shape[1]
         x = self.norm(feat).transpose(1, 2).contiguous()                           # (B, N, C_in)
-        A, a = self.folded_neighbour_map()                                          # (F, C_in), (F,)
+        A, a = self.neighbour_affine()                                              # (F, C_in), (F,)
         w2 = self.conv2[4].weight.flatten(1)                                       # (F, F)
         rows = neighbors + torch.arange(B, device=feat.device).view(B, 1, 1) * N    # (B, k, N) rows of x
         x_rows = x.view(B * N, C)
