@@ -1269,7 +1269,7 @@ def get_dataset(name, root=None, split="train", version=None, split_file=None, s
         raise SettingError(f"unknown split {split!r}", "--split", f"use one of {', '.join(SPLIT_NAMES)}")
     if is_toy(name, root):
         root = Path(root) if root is not None else TOY_DEFAULT_ROOT
-        ensure_toy(root)  # [toy] section: generates the toy world with a progress bar if missing
+        ensure_toy(root, parts=_toy_parts_for(name, sets))  # [toy] section: generates the parts it reads if missing
         if name == "toy":
             return NuScenes(root / "nuscenes", version=version or "v1.0-mini", split=split, split_file=split_file)
         if name == "toy_kitti":
@@ -1749,7 +1749,31 @@ def make_loader(dataset, global_batch, train, collate_fn=None, seed=0, workers=0
     return torch.utils.data.DataLoader(
         dataset, batch_size=global_batch // world, sampler=sampler, drop_last=False, collate_fn=collate_fn,
         num_workers=workers, pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        persistent_workers=workers > 0,  # workers started once, not at every epoch (the sampler runs here anyway)
         generator=torch.Generator().manual_seed(int(seed)))  # its own: iterating never draws from the global RNG
+
+
+def one_blas_thread():
+    """numpy's BLAS (OpenBLAS) on one thread in this process. A process that already keeps every core busy (torch's
+    own threads, or one pool worker per core) must not also run OpenBLAS's threads: they busy-wait after each
+    numpy product and take cores from the others (measured: twice the CPU time of the toy generator's workers;
+    distillation steps several times slower on a shared 2-core machine). A thread count changes no result.
+    Linux only (the loaded library is found in /proc/self/maps); elsewhere, or with another BLAS, nothing changes."""
+    import ctypes
+    try:
+        with open("/proc/self/maps") as f:   # address, permissions, offset, device, inode, path
+            paths = {fields[5].strip() for fields in (line.split(None, 5) for line in f) if len(fields) == 6}
+    except OSError:
+        return
+    for path in (p for p in paths if "openblas" in os.path.basename(p)):
+        try:
+            lib = ctypes.CDLL(path)   # the library numpy loaded (already mapped: nothing is loaded again)
+        except OSError:
+            continue
+        for name in ("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_", "openblas_set_num_threads"):
+            if hasattr(lib, name):
+                getattr(lib, name)(1)
+                break
 
 
 def set_epoch(loader, epoch, batches_done=0):
@@ -2272,7 +2296,8 @@ def main(argv=None):
 # numpy only; every cast is vectorised over rays (Python loops only over chunks of rays and over scans).
 # Deterministic: every scan draws from its own np.random.default_rng([seed, ...]) and no clock is read, so a seed
 # gives the same bytes (on one platform: numpy's SIMD sin/cos may round differently on another CPU).
-# Default (64 nuScenes keyframes, 48 KITTI scans): ~175 CPU-s (89 s on 2 free cores, measured), ~52 MB.
+# Default (64 nuScenes keyframes, 48 KITTI scans): ~52 MB, ~37 CPU-s (nuScenes ~25, KITTI ~12; measured), so about
+# 20 s on 2 free cores. Each tree (part) can be generated alone: get_dataset asks only for those it reads.
 import hashlib  # json, math, os, time, Path: imported at the top of the file
 import io
 
@@ -2416,8 +2441,9 @@ def _toy_yard_height(S, x, y):
     p = S["bump_phase"]
     h = _TOY_SIDEWALK_H + _TOY_YARD_A * (0.5 + 0.3 * np.sin(0.8 * x + 0.5 * y + p[0])
                                         + 0.2 * np.sin(0.37 * x - 1.1 * y + p[1]))
-    flat = (ay < S["y_b"][side]) & _toy_in_driveway(S, x, side)
-    out[yard] = np.where(flat, _TOY_SIDEWALK_H, h)
+    front = np.flatnonzero(ay < S["y_b"][side])     # in front of the building line: driveways may cross
+    h[front[_toy_in_driveway(S, x[front], side[front])]] = _TOY_SIDEWALK_H   # flat driveway
+    out[yard] = h
     return out
 
 
@@ -2600,23 +2626,34 @@ def _toy_traffic(S, P, rng, x_lo, x_hi, ego_x, nid):
 
 # ---- vectorised ray casting: every ray starts at the same sensor origin o (3,), directions d (N,3) unit ----
 def _toy_nearest_per_ray(ri, t):
-    """Indices (into the pair arrays) of the nearest hit per ray."""
-    order = np.lexsort((t, ri))
-    first = np.ones(len(order), bool)
-    first[1:] = ri[order][1:] != ri[order][:-1]
-    return order[first]
+    """Indices (into the pair arrays) of the nearest hit per ray, the first pair on ties. The pairs are ray-major
+    (ri sorted, as _toy_candidates gives them), so a ray's pairs are one run: a min per run, no sort needed."""
+    if len(ri) == 0:
+        return np.zeros(0, np.int64)
+    start = np.flatnonzero(np.r_[True, ri[1:] != ri[:-1]])
+    run_min = np.repeat(np.minimum.reduceat(t, start), np.diff(np.r_[start, len(ri)]))
+    at_min = np.flatnonzero(t == run_min)
+    return at_min[np.r_[True, ri[at_min[1:]] != ri[at_min[:-1]]]]
 
 
-def _toy_candidates(o, d, centres, radii, chunk=32768):
-    """(ray, primitive) pairs whose bounding sphere the ray crosses: (ri, pi) int64."""
+def _toy_candidates(o, d, centres, radii, t_max, chunk=4096):
+    """(ray, primitive) pairs whose bounding sphere the ray crosses before t_max (N,), the ray's nearest hit so
+    far: (ri, pi) int64, ray-major. A primitive lies inside its sphere, so a sphere entered beyond t_max cannot
+    hold a nearer hit: those pairs are dropped before the exact tests. Small chunks and in-place operations keep
+    the (n, P) arrays in the cache (the test is memory-bound)."""
     oc = (centres - o).astype(np.float32)  # (P, 3)
     c2, r = (oc * oc).sum(1), (radii * 1.001 + 1e-3).astype(np.float32)   # margin: float32 rounding can't drop a hit
-    ris, pis = [], []
-    for s in range(0, len(d), chunk):
+    r2, ris, pis = r * r, [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for s in range(0, len(d) if len(oc) else 0, chunk):
         tc = d[s:s + chunk].astype(np.float32) @ oc.T  # (n, P) distance along the ray to the closest approach
-        ri, pi = np.nonzero((tc > -r) & (c2 - tc * tc <= r * r))
-        ris.append(ri + s)
-        pis.append(pi)
+        miss2 = tc * tc
+        np.subtract(c2, miss2, out=miss2)              # squared distance of the closest approach to the centre
+        crosses = miss2 <= r2
+        crosses &= tc > -r
+        ri, pi = np.divmod(np.flatnonzero(crosses), len(oc))
+        front = tc[ri, pi] - r[pi] <= t_max[ri + s]    # sphere entered (lower bound, margin r) before t_max
+        ris.append(ri[front] + s)
+        pis.append(pi[front])
     return np.concatenate(ris), np.concatenate(pis)
 
 
@@ -2629,25 +2666,34 @@ def _toy_box_table(o, p):
     return np.concatenate([p[:, :7], cy[:, None], sy[:, None], -p[:, 3:6] - ol, p[:, 3:6] - ol], 1)
 
 
-def _toy_hit_boxes(o, d, ri, p, normals=True):
-    """Oriented boxes (slab test in the box frame). p (K,15) per pair, rows of _toy_box_table(o, boxes).
-    Returns t (K,), normal (K,3) world (None if not normals)."""
-    cy, sy = p[:, 7], p[:, 8]
-    dd = d[ri]
-    dl = np.stack([cy * dd[:, 0] + sy * dd[:, 1], -sy * dd[:, 0] + cy * dd[:, 1], dd[:, 2]], 1)
-    dl = np.where(np.abs(dl) < 1e-12, 1e-12, dl)
-    t1, t2 = p[:, 9:12] / dl, p[:, 12:15] / dl
-    tn, tf = np.minimum(t1, t2), np.maximum(t1, t2)
-    axis = tn.argmax(1)
-    tnear, tfar = tn.max(1), tf.min(1)
+def _toy_hit_boxes(dT, ri, terms):
+    """Oriented boxes (slab test in the box frame) for pairs (ray ri, box). dT (3,N): the ray directions,
+    transposed; terms (8,K) per pair: columns 7..14 of _toy_box_table(o, boxes), transposed (a row per term, so
+    that every array of the test is contiguous). Returns t (K,) and, for _toy_box_normal, the entry face per pair:
+    its axis in the box frame (the first of the largest per-axis entry distances) and the ray direction on it."""
+    dx, dy, dz = dT[0, ri], dT[1, ri], dT[2, ri]
+    cy, sy = terms[0], terms[1]
+    for j, dl in enumerate((cy * dx + sy * dy, -sy * dx + cy * dy, dz)):   # the ray direction in the box frame
+        dl = np.where(np.abs(dl) < 1e-12, 1e-12, dl)
+        t1, t2 = terms[2 + j] / dl, terms[5 + j] / dl
+        lo, hi = np.minimum(t1, t2), np.maximum(t1, t2)
+        if j == 0:
+            tnear, tfar, face, d_face = lo, hi, np.zeros(len(ri), np.int64), dl
+        else:
+            later = lo > tnear
+            face, d_face = np.where(later, j, face), np.where(later, dl, d_face)
+            tnear, tfar = np.maximum(tnear, lo), np.minimum(tfar, hi)
     t = np.where((tnear <= tfar) & (tnear > 1e-4), tnear, np.inf)  # rays starting inside a box see through it
-    if not normals:
-        return t, None
-    k = np.arange(len(t))
-    nl = np.zeros((len(t), 3))
-    nl[k, axis] = -np.sign(dl[k, axis])
-    n = np.stack([cy * nl[:, 0] - sy * nl[:, 1], sy * nl[:, 0] + cy * nl[:, 1], nl[:, 2]], 1)
-    return t, n
+    return t, face, d_face
+
+
+def _toy_box_normal(face, d_face, cy, sy):
+    """World normals (K,3) of box entry faces (axis face in the box frame, ray direction d_face on that axis) of
+    boxes with yaw cos cy, sin sy."""
+    k = np.arange(len(face))
+    nl = np.zeros((len(face), 3))
+    nl[k, face] = -np.sign(d_face)
+    return np.stack([cy * nl[:, 0] - sy * nl[:, 1], sy * nl[:, 0] + cy * nl[:, 1], nl[:, 2]], 1)
 
 
 def _toy_hit_cylinders(o, d, ri, p):
@@ -2683,7 +2729,8 @@ def _toy_hit_ellipsoids(o, d, ri, p):
 
 
 def _toy_hit_ground(S, o, d):
-    """Road/parking plane z=0, sidewalk plane z=kerb with kerb faces, yard heightfield. -> t, normal, material."""
+    """Road/parking plane z=0, sidewalk plane z=kerb with kerb faces -> t, normal, dz (the ray's z, NaN going up).
+    The yard heightfield comes after the primitives (_toy_hit_yard)."""
     N = len(d)
     t, n = np.full(N, np.inf), np.tile([0.0, 0.0, 1.0], (N, 1))
     dz = np.where(d[:, 2] < -1e-9, d[:, 2], np.nan)  # rays going up never meet the ground
@@ -2702,33 +2749,56 @@ def _toy_hit_ground(S, o, d):
         ok = (tk > 0) & (zk >= 0) & (zk < hs) & (tk < t)
         t = np.where(ok, tk, t)
         n[ok] = (0.0, -sg, 0.0)
-    t, n = _toy_hit_yard(S, o, d, dz, t, n)
-    p = o[None] + np.where(np.isfinite(t), t, 0)[:, None] * d
-    inward = p - 0.01 * n                            # kerb faces: classify just behind the face
-    return t, n, _toy_ground_material(S, inward[:, 0], inward[:, 1])
+    return t, n, dz
 
 
-def _toy_hit_yard(S, o, d, dz, t, n, steps=10, bisect=6):
-    """March the yard heightfield inside its height band, then bisect. Only rays that can reach the yard."""
+def _toy_ground_hit_material(S, o, d, t, n):
+    """Material of the ground hits t (K,), normals n (K,3) of the rays d (K,3)."""
+    inward = o[None] + t[:, None] * d - 0.01 * n    # kerb faces: classify just behind the face
+    return _toy_ground_material(S, inward[:, 0], inward[:, 1])
+
+
+def _toy_first_below(S, o, ta, span, dr, f):
+    """March step of _toy_hit_yard: per ray, the first sample t = ta + span * f[j] that lies on or below the yard
+    heightfield (-1: none). A ray leaves the march at its first such sample: the heightfield is evaluated there and
+    before only (the same values as on the full (R, steps+1) grid, with about a third fewer evaluations)."""
+    k, live = np.full(len(ta), -1), np.arange(len(ta))
+    for j in range(len(f)):
+        tj = ta[live] + span[live] * f[j]
+        pj = o[None] + tj[:, None] * dr[live]
+        below = pj[:, 2] <= _toy_yard_height(S, pj[:, 0], pj[:, 1])
+        k[live[below]] = j
+        live = live[~below]
+    return k
+
+
+def _toy_hit_yard(S, o, d, dz, t_flat, t, n, prim, steps=10, bisect=6):
+    """March the yard heightfield inside its height band, then bisect. Only rays that can reach the yard.
+
+    Cast after the primitives but with the result of the order ground (t_flat: planes and kerbs, then the yard),
+    then primitives: the yard wins where it is nearer than the flat ground and not farther than the primitive hit
+    (a primitive replaces only a strictly farther hit). Cast last, the yard needs no march for the rays whose band
+    starts beyond their nearest hit t (behind a wall, a car): most of its work. Updates t, n, prim (-1: ground) in
+    place where the yard is the nearest."""
     hs = _TOY_SIDEWALK_H
     ta, tb = (hs + _TOY_YARD_A - o[2]) / dz, (hs - o[2]) / dz
     ya, yb = o[1] + ta * d[:, 1], o[1] + tb * d[:, 1]
-    rows = np.nonzero((tb > 0) & (np.maximum(np.abs(ya), np.abs(yb)) >= S["y_s1"].min()) & (np.maximum(ta, 0) < t))[0]
+    start = np.maximum(ta, 0)      # the yard hit, if any, lies at or beyond it (the march and bisection only go on)
+    rows = np.nonzero((tb > 0) & (np.maximum(np.abs(ya), np.abs(yb)) >= S["y_s1"].min()) & (start < t_flat)
+                      & (start <= t))[0]
     if len(rows) == 0:
-        return t, n
-    ta, tb, dr = np.maximum(ta[rows], 0), tb[rows], d[rows]
-    ts = ta[:, None] + (tb - ta)[:, None] * np.linspace(0, 1, steps + 1)[None]  # (R, steps+1)
-    pts = o[None, None] + ts[..., None] * dr[:, None]
-    below = pts[..., 2] <= _toy_yard_height(S, pts[..., 0].ravel(), pts[..., 1].ravel()).reshape(ts.shape)
-    k = below.argmax(1)
-    hit = below.any(1) & (k > 0)
-    rows, lo, hi, dr = rows[hit], ts[hit, k[hit] - 1], ts[hit, k[hit]], dr[hit]
+        return
+    ta, span, dr = start[rows], tb[rows] - start[rows], d[rows]
+    f = np.linspace(0, 1, steps + 1)
+    k = _toy_first_below(S, o, ta, span, dr, f)
+    hit = k > 0  # bracketed between the last sample above and the first one below
+    rows, lo, hi, dr = rows[hit], ta[hit] + span[hit] * f[k[hit] - 1], ta[hit] + span[hit] * f[k[hit]], dr[hit]
     for _ in range(bisect):
         mid = 0.5 * (lo + hi)
         pm = o[None] + mid[:, None] * dr
         b = pm[:, 2] <= _toy_yard_height(S, pm[:, 0], pm[:, 1])
         hi, lo = np.where(b, mid, hi), np.where(b, lo, mid)
-    closer = hi < t[rows]
+    closer = (hi < t_flat[rows]) & (hi <= t[rows])
     rows, hi = rows[closer], hi[closer]
     ph = o[None] + hi[:, None] * d[rows]
     e = 0.05  # normal by finite differences of the heightfield
@@ -2736,10 +2806,8 @@ def _toy_hit_yard(S, o, d, dz, t, n, steps=10, bisect=6):
     hy = _toy_yard_height(S, ph[:, 0], ph[:, 1] + e) - _toy_yard_height(S, ph[:, 0], ph[:, 1] - e)
     nn = np.stack([-hx / (2 * e), -hy / (2 * e), np.ones(len(hi))], 1)
     nn = np.where(np.abs(nn) > 50, 0, nn)            # steps at region borders
-    t, n = t.copy(), n.copy()
-    t[rows] = hi
+    t[rows], prim[rows] = hi, -1
     n[rows] = nn / np.linalg.norm(nn, axis=1, keepdims=True)
-    return t, n
 
 
 def toy_cast(S, o, d, max_range=np.inf):
@@ -2752,8 +2820,10 @@ def toy_cast(S, o, d, max_range=np.inf):
 
 
 def _toy_cast_all(S, o, d, max_range):
-    t, n, mat = _toy_hit_ground(S, o, d)
+    t, n, dz = _toy_hit_ground(S, o, d)
+    t_flat = t.copy()
     prim = np.full(len(d), -1, np.int64)
+    dT = np.ascontiguousarray(d.T)  # (3, N): the box test gathers each component of many pairs contiguously
     T = S["prims"]
     axis = d.mean(0)
     axis = axis / max(np.linalg.norm(axis), 1e-9)
@@ -2773,23 +2843,29 @@ def _toy_cast_all(S, o, d, max_range):
             dist, 1e-9), 0, 1))
         near = (dist - rad < min(max_range, 1e9)) & ((ang < cone) | (dist <= rad))
         ids, pp = tab["id"][near], tab["p"][near]
-        ri, pi = _toy_candidates(o, d, centre(pp), radius(pp))
+        ri, pi = _toy_candidates(o, d, centre(pp), radius(pp), t)
         if len(ri) == 0:
             continue
         if kind == "box":  # per-box terms once per box, normals of the nearest hits only (the same values)
-            pp = _toy_box_table(o, pp)
-            tk, _ = fn(o, d, ri, pp[pi], normals=False)
+            terms = np.ascontiguousarray(_toy_box_table(o, pp)[:, 7:].T)
+            tk, face, d_face = fn(dT, ri, terms[:, pi])
         else:
             tk, nk = fn(o, d, ri, pp[pi])
-        ok = tk < t[ri]
-        ri, pi, tk = ri[ok], pi[ok], tk[ok]
-        best = _toy_nearest_per_ray(ri, tk)
+        ok = np.flatnonzero(tk < t[ri])
+        best = ok[_toy_nearest_per_ray(ri[ok], tk[ok])]  # index of the nearest pair of each ray that gets nearer
         r = ri[best]
-        nk = fn(o, d, r, pp[pi[best]])[1] if kind == "box" else nk[ok][best]
+        if kind == "box":
+            nk = _toy_box_normal(face[best], d_face[best], terms[0, pi[best]], terms[1, pi[best]])
+        else:
+            nk = nk[best]
         t[r], n[r], prim[r] = tk[best], nk, ids[pi[best]]
-        mat[r] = T["mat"][prim[r]]
+    _toy_hit_yard(S, o, d, dz, t_flat, t, n, prim)
     miss = ~np.isfinite(t) | (t > max_range)
-    t[miss], mat[miss], prim[miss] = np.inf, -1, -1
+    t[miss], prim[miss] = np.inf, -1
+    # materials last: the ground's map only for the rays that see the ground
+    mat = np.where(prim >= 0, T["mat"][np.maximum(prim, 0)], -1)
+    g = np.flatnonzero(~miss & (prim < 0))
+    mat[g] = _toy_ground_hit_material(S, o, d[g], t[g], n[g])
     return {"t": t, "mat": mat, "prim": prim, "normal": n}
 
 
@@ -2803,32 +2879,44 @@ def _toy_stripes(a, period, width):
 
 
 def _toy_albedo(S, hit, p):
-    """(N,3) RGB 0..255 of the hit surfaces: material/primitive colour x procedural texture (world-anchored)."""
+    """(N,3) RGB 0..255 of the hit surfaces: material/primitive colour x procedural texture (world-anchored).
+    Each texture is evaluated on the pixels of its material only (elementwise: the same values)."""
     mat, prim, n = hit["mat"], hit["prim"], hit["normal"]
     T = S["prims"]
-    rgb = np.where((prim >= 0)[:, None], T["rgb"][np.maximum(prim, 0)], _TOY_RGB[np.maximum(mat, 0)])
+    rgb = _TOY_RGB[np.maximum(mat, 0)]
+    on_prim = np.flatnonzero(prim >= 0)
+    rgb[on_prim] = T["rgb"][prim[on_prim]]
     x, y, z = p[:, 0], p[:, 1], p[:, 2]
     u = np.where(np.abs(n[:, 0]) > np.abs(n[:, 1]), y, x)      # horizontal coordinate on vertical faces
     k = S["key"]
     M, grid = TOY_MAT, _toy_stripes
-    # texture factor per material; each noise is evaluated only where it is used (elementwise: same values)
-    ter, veg = mat == M["terrain"], np.isin(mat, [M["low_vegetation"], M["tree_canopy"]])
-    f, g = np.empty(len(mat)), ~(ter | veg)
+
+    def pixels(*names):  # indices of the pixels of these materials
+        return np.flatnonzero(np.isin(mat, [M[m] for m in names]))
+
+    # texture factor per material
+    ter, veg = pixels("terrain"), pixels("low_vegetation", "tree_canopy")
+    f, g = np.empty(len(mat)), np.ones(len(mat), bool)
+    g[ter], g[veg] = False, False
     f[g] = 0.85 + 0.3 * _toy_noise(x[g] + 0.5 * z[g], y[g] - 0.5 * z[g], 0.35, k + 1)   # generic grain
     f[ter] = 0.7 + 0.5 * _toy_noise(x[ter], y[ter], 1.3, k + 2)
     f[veg] = 0.55 + 0.7 * _toy_noise(x[veg] + z[veg], y[veg] - z[veg], 0.25, k + 3)
-    f = np.where((mat == M["sidewalk"]) & (grid(x, 0.8, 0.06) | grid(y, 0.8, 0.06)), 0.6, f)
-    f = np.where(mat == M["driveway"], f * (0.8 + 0.2 * ((np.floor(x / 0.3) + np.floor(y / 0.6)) % 2)), f)
+    i = pixels("sidewalk")                                          # paving joints
+    f[i] = np.where(grid(x[i], 0.8, 0.06) | grid(y[i], 0.8, 0.06), 0.6, f[i])
+    i = pixels("driveway")                                          # bricks
+    f[i] = f[i] * (0.8 + 0.2 * ((np.floor(x[i] / 0.3) + np.floor(y[i] / 0.6)) % 2))
     out = rgb * f[:, None]
-    stall = (mat == M["parking"]) & grid(x, 2.6, 0.15)
-    window = (mat == M["building"]) & (np.abs(n[:, 2]) < 0.5) & ((u % 3.0) > 1.0) & ((u % 3.0) < 2.2) \
-        & ((z % 3.2) > 1.0) & ((z % 3.2) < 2.4)
-    band = np.isin(mat, [M["bus"], M["truck"]]) & (z > 1.9) & (z < 2.6) & (np.abs(n[:, 2]) < 0.5)
-    cone = (mat == M["traffic_cone"]) & (z > 0.3) & (z < 0.45)
-    out[stall | cone] = (235, 235, 230)
-    out[window | band] = (60, 72, 95)
-    out[mat == M["barrier"]] *= np.where(grid(u + z, 0.8, 0.4), 1.0, 0.35)[mat == M["barrier"], None] \
-        * np.array([1.0, 0.25, 0.25])
+    i = pixels("parking")
+    out[i[grid(x[i], 2.6, 0.15)]] = (235, 235, 230)                # stall lines
+    i = pixels("traffic_cone")
+    out[i[(z[i] > 0.3) & (z[i] < 0.45)]] = (235, 235, 230)         # reflective band
+    i = pixels("building")
+    ui, zi = u[i] % 3.0, z[i] % 3.2
+    out[i[(np.abs(n[i, 2]) < 0.5) & (ui > 1.0) & (ui < 2.2) & (zi > 1.0) & (zi < 2.4)]] = (60, 72, 95)   # windows
+    i = pixels("bus", "truck")
+    out[i[(z[i] > 1.9) & (z[i] < 2.6) & (np.abs(n[i, 2]) < 0.5)]] = (60, 72, 95)                        # windows
+    i = pixels("barrier")
+    out[i] *= np.where(grid(u[i] + z[i], 0.8, 0.4), 1.0, 0.35)[:, None] * np.array([1.0, 0.25, 0.25])
     return out
 
 
@@ -2842,15 +2930,16 @@ def toy_render_camera(S, origin, R_cam, K, W, H):
     dw = dc @ R_cam.T
     norm = np.linalg.norm(dw, axis=1)
     hit = toy_cast(S, origin, dw / norm[:, None])
-    ok = np.isfinite(hit["t"])
-    p = origin[None] + np.where(ok, hit["t"], 0)[:, None] * dw / norm[:, None]
     shade = 0.5 + 0.5 * np.clip(hit["normal"] @ _TOY_SUN, 0, 1)
-    rgb = _toy_albedo(S, hit, p) * shade[:, None]
-    haze = np.clip(np.where(ok, hit["t"], 0) / 250.0, 0, 0.5)[:, None]
     sky_el = np.clip(dw[:, 2] / norm, 0, 1)[:, None]
-    sky = np.array([200.0, 215, 235]) * (1 - sky_el) + np.array([90.0, 140, 215]) * sky_el
-    rgb = np.where(ok[:, None], rgb * (1 - haze) + haze * np.array([200.0, 210, 225]), sky)
-    depth = np.where(ok, hit["t"] / norm, np.inf)                             # z_cam = t / |dc| since dc_z = 1
+    rgb = np.array([200.0, 215, 235]) * (1 - sky_el) + np.array([90.0, 140, 215]) * sky_el
+    ok = np.flatnonzero(np.isfinite(hit["t"]))                                # the sky keeps its colour
+    t = hit["t"][ok]
+    p = origin[None] + t[:, None] * dw[ok] / norm[ok, None]
+    haze = np.clip(t / 250.0, 0, 0.5)[:, None]
+    albedo = _toy_albedo(S, {key: v[ok] for key, v in hit.items()}, p)
+    rgb[ok] = albedo * shade[ok, None] * (1 - haze) + haze * np.array([200.0, 210, 225])
+    depth = np.where(np.isfinite(hit["t"]), hit["t"] / norm, np.inf)          # z_cam = t / |dc| since dc_z = 1
     return (np.clip(rgb, 0, 255).round().astype(np.uint8).reshape(H, W, 3), hit["mat"].reshape(H, W),
             depth.reshape(H, W))
 
@@ -3132,57 +3221,120 @@ def _toy_tick(bar, result):
 
 
 TOY_DEFAULT_SCANS = 64  # nuScenes keyframes: 8 train scenes x 6 + 2 val scenes x 8; KITTI: 32 (seq 00) + 16 (seq 08)
+TOY_PARTS = ("nuscenes", "semantic_kitti")  # the two trees of the toy world; each can be generated alone
+# seconds per part with the default scans on 2 free cores (half the CPU seconds measured), for ensure_toy's message
+_TOY_PART_SECONDS = {"nuscenes": 13, "semantic_kitti": 6}
 
 
-def make_toy(out_dir, scans=None, seed=0, progress=True, workers=2, class_maps=False):
+def _toy_check_parts(parts):
+    """`parts` in the order of TOY_PARTS; ValueError for anything else (a bare string included)."""
+    if isinstance(parts, str) or not set(parts) <= set(TOY_PARTS):
+        raise ValueError(f"toy parts {parts!r}: pick among {TOY_PARTS}")
+    return [p for p in TOY_PARTS if p in parts]
+
+
+def _toy_part_done(root, part):
+    """A part is complete once its marker is written, after its files: DONE.<part>, or DONE (the whole world; the
+    only marker of trees written before parts could be generated alone)."""
+    return (Path(root) / "DONE").exists() or (Path(root) / f"DONE.{part}").exists()
+
+
+def _toy_parts_for(name, sets=None):
+    """The parts that get_dataset(name, sets=sets) reads on the toy world: toy -> nuscenes, toy_kitti ->
+    semantic_kitti, merged -> those of its sets (default: both)."""
+    if name in ("toy", "toy_kitti"):
+        return ("nuscenes",) if name == "toy" else ("semantic_kitti",)
+    folders = {{"toy": "nuscenes", "toy_kitti": "semantic_kitti"}.get(s, s) for s in (sets or TOY_PARTS)}
+    return tuple(p for p in TOY_PARTS if p in folders)
+
+
+def _toy_clear(out, parts):
+    """Removes `parts` and their markers before they are written again (never a mix of two generations); the other
+    parts stay complete: a DONE becomes their own markers. Refuses a folder that the generator did not write."""
+    import shutil
+    marker = out / ".toy_world"
+    if not marker.exists() and any((out / d).exists() for d in TOY_PARTS):
+        raise FileExistsError(f"{out} already holds nuscenes/ or semantic_kitti/ that the toy generator did not "
+                              f"write (no {marker.name} marker); refusing to overwrite: pick an empty folder.")
+    if (out / "DONE").exists():
+        params = (out / "DONE").read_text().removeprefix("toy world complete: ")
+        for q in TOY_PARTS:
+            if q not in parts:
+                (out / f"DONE.{q}").write_text(params)
+        (out / "DONE").unlink()
+    for p in parts:
+        for old in (out / f"DONE.{p}", out / p, out / "_classmaps" / p):
+            shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text("written by data.py make_toy; the folder may be regenerated\n")
+
+
+def _toy_mark_done(out, parts, seed, n):
+    """Markers, written after the files: DONE.<part> for each part written, or, once every part is complete, DONE
+    alone (the marker of a whole world, as before parts; it then stands for the parts' own markers)."""
+    params = {q: (out / f"DONE.{q}").read_text().strip() for q in TOY_PARTS if (out / f"DONE.{q}").exists()}
+    params.update({p: f"seed={seed} scans={n}" for p in parts})
+    if len(params) < len(TOY_PARTS):
+        for p in parts:
+            (out / f"DONE.{p}").write_text(params[p] + "\n")
+        return
+    same = len(set(params.values())) == 1
+    (out / "DONE").write_text("toy world complete: " + (params[parts[0]] if same else ", ".join(
+        f"{q} {v}" for q, v in params.items())) + "\n")
+    for q in TOY_PARTS:
+        (out / f"DONE.{q}").unlink(missing_ok=True)
+
+
+def make_toy(out_dir, scans=None, seed=0, progress=True, workers=2, class_maps=False, parts=TOY_PARTS):
     """Generates the toy world into out_dir: out_dir/nuscenes (v1.0-mini) and out_dir/semantic_kitti (00 train,
     08 val), then out_dir/DONE. `scans` = nuScenes keyframes (default 64: 48 mini_train + 16 mini_val); KITTI gets
     scans/2 (seq 00) + scans/4 (seq 08). Byte-identical for a seed, whatever `workers` (processes, fork).
+    parts: the trees to (re)write, among TOY_PARTS; each is byte-identical to the same tree of a whole generation
+    and the others are kept (_toy_mark_done: its marker is DONE.<part> until every part is complete).
     class_maps=True also writes each image's per-pixel class and depth to out_dir/_classmaps (tests only)."""
-    import shutil
     from tqdm import tqdm
-    n = int(scans or TOY_DEFAULT_SCANS)
-    out = Path(out_dir)
-    marker = out / ".toy_world"
-    if not marker.exists() and any((out / d).exists() for d in ("nuscenes", "semantic_kitti")):
-        raise FileExistsError(f"{out} already holds nuscenes/ or semantic_kitti/ that the toy generator did not "
-                              f"write (no {marker.name} marker); refusing to overwrite: pick an empty folder.")
-    for old in ("DONE", "nuscenes", "semantic_kitti", "_classmaps"):   # never mix with a previous toy tree
-        p = out / old
-        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    marker.write_text("written by data.py make_toy; the folder may be regenerated\n")
-    nus = out / "nuscenes"
-    for sub in ["v1.0-mini", "maps", "lidarseg/v1.0-mini"] + [f"samples/{c}" for c in ["LIDAR_TOP", *TOY_NUSC_CAMS]]:
-        (nus / sub).mkdir(parents=True, exist_ok=True)
-    kitti = {0: max(1, n // 2), 8: max(1, n // 4)}
-    for seq in kitti:
-        for sub in ("velodyne", "labels", "image_2"):
-            (out / "semantic_kitti" / "dataset" / "sequences" / f"{seq:02d}" / sub).mkdir(parents=True, exist_ok=True)
+    n, out, parts = int(scans or TOY_DEFAULT_SCANS), Path(out_dir), _toy_check_parts(parts)
+    if not parts:
+        raise ValueError("toy parts: none asked for")
+    _toy_clear(out, parts)
+    plan, kitti, t_start = _toy_nusc_plan(n), {0: max(1, n // 2), 8: max(1, n // 4)}, time.time()
+    nus, units = out / "nuscenes", []
+    if "nuscenes" in parts:
+        subs = ["v1.0-mini", "maps", "lidarseg/v1.0-mini"] + [f"samples/{c}" for c in ["LIDAR_TOP", *TOY_NUSC_CAMS]]
+        for sub in subs:
+            (nus / sub).mkdir(parents=True, exist_ok=True)
+        units += [("nusc", str(out), seed, si, name, n_kf, k, class_maps) for si, name, n_kf in plan
+                  for k in range(n_kf)]
+    if "semantic_kitti" in parts:
+        for seq in kitti:
+            for sub in ("velodyne", "labels", "image_2"):
+                (out / "semantic_kitti" / "dataset" / "sequences" / f"{seq:02d}" / sub).mkdir(parents=True,
+                                                                                               exist_ok=True)
+        units += [("kitti", str(out), seed, seq, m, i, class_maps) for seq, m in kitti.items() for i in range(m)]
     if class_maps:
-        for sub in ("nuscenes", "semantic_kitti"):
+        for sub in parts:
             (out / "_classmaps" / sub).mkdir(parents=True, exist_ok=True)
-    plan, t_start = _toy_nusc_plan(n), time.time()
-    units = [("nusc", str(out), seed, si, name, n_kf, k, class_maps) for si, name, n_kf in plan for k in range(n_kf)]
-    units += [("kitti", str(out), seed, seq, m, i, class_maps) for seq, m in kitti.items() for i in range(m)]
-    bar = tqdm(total=len(units), desc=f"toy world -> {out}", disable=not progress, unit="scan")
+    bar = tqdm(total=len(units), desc=f"toy {' + '.join(parts)} -> {out}", disable=not progress, unit="scan")
     import multiprocessing as mp
     workers = min(workers, os.cpu_count() or 1, len(units))
     if workers > 1 and "fork" in mp.get_all_start_methods() and not mp.current_process().daemon:
-        with mp.get_context("fork").Pool(workers) as pool:   # units are independent and seeded: same bytes
+        # units are independent and seeded: the same bytes; one BLAS thread per worker (one_blas_thread)
+        with mp.get_context("fork").Pool(workers, initializer=one_blas_thread) as pool:
             results = [_toy_tick(bar, r) for r in pool.imap(_toy_unit, units)]
     else:
         results = [_toy_tick(bar, _toy_unit(u)) for u in units]
     bar.close()
-    _toy_write_nusc_tables(nus, seed, plan, [r for r in results if r is not None])
-    for seq, m in kitti.items():
-        _toy_kitti_text_files(seed, seq, m, out / "semantic_kitti" / "dataset" / "sequences" / f"{seq:02d}")
-    (out / "DONE").write_text(f"toy world complete: seed={seed} scans={n}\n")   # written last
+    if "nuscenes" in parts:
+        _toy_write_nusc_tables(nus, seed, plan, [r for r in results if r is not None])
+    if "semantic_kitti" in parts:
+        for seq, m in kitti.items():
+            _toy_kitti_text_files(seed, seq, m, out / "semantic_kitti" / "dataset" / "sequences" / f"{seq:02d}")
+    _toy_mark_done(out, parts, seed, n)
     if progress:
-        mb = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2 ** 20
-        print(f"[toy] {sum(k for _, _, k in plan)} nuScenes keyframes (v1.0-mini: mini_train/mini_val), "
-              f"{kitti[0]} + {kitti[8]} SemanticKITTI scans (00 / 08), {mb:.1f} MB in {time.time() - t_start:.0f} s "
-              f"-> {out}")
+        mb = sum(f.stat().st_size for p in parts for f in (out / p).rglob("*") if f.is_file()) / 2 ** 20
+        what = {"nuscenes": f"{sum(k for _, _, k in plan)} nuScenes keyframes (v1.0-mini: mini_train/mini_val)",
+                "semantic_kitti": f"{kitti[0]} + {kitti[8]} SemanticKITTI scans (00 / 08)"}
+        print(f"[toy] {', '.join(what[p] for p in parts)}, {mb:.1f} MB in {time.time() - t_start:.0f} s -> {out}")
     return out
 
 
@@ -3197,11 +3349,13 @@ def _toy_write_nusc_tables(nus, seed, plan, recs):
     (nus / "maps" / "toy_placeholder_not_a_map.png").write_bytes(placeholder)
 
 
-def ensure_toy(root=None, scans=None, seed=0):
-    """Path of the toy world (default data/toy next to this file), generated with a progress bar if missing or
-    half-written (no DONE marker, which make_toy writes last)."""
+def ensure_toy(root=None, scans=None, seed=0, parts=TOY_PARTS):
+    """Path of the toy world (default data/toy next to this file) once `parts` (TOY_PARTS: nuscenes,
+    semantic_kitti) are complete: each missing or half-written one (no marker, which make_toy writes last) is
+    generated with a progress bar, the others are kept."""
     root = Path(root) if root is not None else Path(__file__).resolve().parent / "data" / "toy"
-    if (root / "DONE").exists():
+    parts = _toy_check_parts(parts)
+    if all(_toy_part_done(root, p) for p in parts):
         return root
     root.mkdir(parents=True, exist_ok=True)
     with open(root / ".toy_lock", "w") as lock:
@@ -3210,9 +3364,12 @@ def ensure_toy(root=None, scans=None, seed=0):
             fcntl.flock(lock, fcntl.LOCK_EX)
         except ImportError:  # no fcntl (Windows): single process assumed
             pass
-        if not (root / "DONE").exists():
-            print(f"[toy] no complete toy world at {root}: generating it (about 1.5 minutes on 2 cores, once)")
-            make_toy(root, scans=scans, seed=seed)
+        missing = [p for p in parts if not _toy_part_done(root, p)]
+        if missing:
+            secs = sum(_TOY_PART_SECONDS[p] for p in missing) * int(scans or TOY_DEFAULT_SCANS) / TOY_DEFAULT_SCANS
+            print(f"[toy] no complete toy {' + '.join(missing)} at {root}: generating it (about {secs:.0f} s on 2 "
+                  f"free cores, once)")
+            make_toy(root, scans=scans, seed=seed, parts=missing)
     return root
 
 

@@ -23,6 +23,7 @@ times. The toy teacher is a RANDOMLY initialised tiny ViT (offline): the student
 DINOv2's semantics; real teacher weights (distill.py --teacher-weights) are what the paper measures.
 """
 import argparse
+import copy
 import json
 import os
 import shutil
@@ -59,6 +60,7 @@ PROBE_DATASETS = [n for n in data.DATASET_NAMES if n != "merged"]
 TOY_STEPS = 120
 TOY_LR = 0.06
 TOY_POINTS = 512
+CKPT_EVERY_S = 30  # ckpt_last.pth is rewritten at most this often during the head training (see ResumeState)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -208,6 +210,46 @@ def ordered_loader(ds, cfg, batch_size, workers, indices):
                                          collate_fn=data.collate_scorable))
 
 
+class PreprocessedScans:
+    """ordered_loader's batches of each split, kept in memory while the first probe of a process reads them and
+    handed again to the next one. --compare-random probes two backbones on the same grid and k, and val-style
+    preprocessing is deterministic, so the second probe's trunk runs on the very same batches without voxelising,
+    searching the kNN and computing the cells of every scan again (about a quarter of its trunk-feature time on
+    the toy). Memory: every preprocessed scan of both splits at once (175 MiB on the toy)."""
+
+    def __init__(self):
+        self.store = {}
+
+    def loader(self, ds, cfg, batch_size, workers, indices):
+        """An iterable of the collated batches of scans `indices` with `.skipped`, as ordered_loader's."""
+        key = (tuple(ds.scan_id(i) for i in indices), batch_size, repr(cfg))
+        if key not in self.store:
+            self.store[key] = KeptBatches(ordered_loader(ds, cfg, batch_size, workers, indices))
+        return self.store[key]
+
+
+class KeptBatches:
+    """A loader's batches, recorded while they are read the first time and replayed afterwards; `.skipped`: the
+    scans that could not be used, as data.ScoredBatches records them."""
+
+    def __init__(self, loader):
+        self.loader, self.batches = loader, None
+
+    @property
+    def skipped(self):
+        return self.loader.skipped
+
+    def __iter__(self):
+        if self.batches is not None:
+            yield from self.batches
+            return
+        batches = []
+        for batch in self.loader:
+            batches.append(batch)
+            yield batch
+        self.batches = batches  # only a complete pass is kept
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Model: frozen backbone + trainable segmentation head.
 # ----------------------------------------------------------------------------------------------------------------
@@ -283,8 +325,24 @@ def head_logits(head, feats_list, device, amp):
     drop it so that cached and live features give the very same statistics.)"""
     x = torch.cat([f.to(device).float() for f in feats_list], dim=1)[None]  # (1, F, ΣM)
     with wi.autocast_context(device, amp):
-        out = head(x)  # (1, K, ΣM)
+        out = apply_head(head, x)  # (1, K, ΣM)
     return out[0].float().T  # (ΣM, K)
+
+
+def apply_head(head, x):
+    """head(x) for x (1, F, L). The probe head BatchNorm1d -> Conv1d(F -> K, 1) runs its convolution as a matmul
+    (wi.pointwise: the same numbers, measured bit-identical over a toy head training; in training, CPU conv1d takes
+    a slow path for 1x1 kernels, 1.4-2x slower, measured). A DDP-wrapped head is called whole: its forward
+    prepares the gradient all-reduce."""
+    if isinstance(head, torch.nn.Sequential) and len(head) == 2 and is_pointwise_conv(head[1]):
+        return wi.pointwise(head[1].weight, head[0](x), head[1].bias)
+    return head(x)
+
+
+def is_pointwise_conv(m):
+    """A plain Conv1d with a 1-wide kernel: a per-point linear map of the channels."""
+    return type(m) is torch.nn.Conv1d and m.kernel_size == (1,) and m.stride == (1,) and m.padding == (0,) \
+        and m.groups == 1
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -387,9 +445,10 @@ class LiveFeatures:
 
 class CachedFeatures:
     """Trunk features computed once (--no-aug): later epochs cost only the head. With full_batch (train only),
-    every epoch is ONE batch holding every cached scan of this rank. subset: dataset indices used (None: all)."""
+    every epoch is ONE batch holding every cached scan of this rank. subset: dataset indices used (None: all).
+    prepared: a PreprocessedScans shared with another probe of this process, or None."""
 
-    def __init__(self, model, ds, cfg, args, device, train, folder, subset=None):
+    def __init__(self, model, ds, cfg, args, device, train, folder, subset=None, prepared=None):
         rank, world = data.rank_world()
         scans = list(range(len(ds))) if subset is None else list(subset)
         self.full_batch = bool(train and getattr(args, "full_batch", False))
@@ -405,7 +464,9 @@ class CachedFeatures:
         t0 = time.time()
         self.skipped = []
         if indices:  # a rank may hold no val scan when there are fewer scans than ranks
-            loader = ordered_loader(ds, cfg, self.batch_size, args.workers, indices)
+            trunk_batch = trunk_batch_size(self.batch_size, device)
+            loader = (prepared.loader if prepared is not None else ordered_loader)(ds, cfg, trunk_batch,
+                                                                                  args.workers, indices)
             fill_cache(self.cache, model, loader, device, args.amp,
                        f"trunk features ({'train' if train else 'eval'}, cached)")
             self.skipped = loader.skipped  # scans that cannot be used (e.g. no point inside the FOV): warned
@@ -429,13 +490,18 @@ class CachedFeatures:
 
     def whole_split(self):
         """(list of (F, M_b) views, (ΣM,) labels) of every cached scan, built once and kept in the cache dtype:
-        a full-batch step then only gathers its --head-points points per scan and casts those to float32."""
+        a full-batch step then only gathers its --head-points points per scan and casts those to float32. The
+        features are stored point-major, (ΣM, F), and each view is a transposed slice of it, so that gathering a
+        point reads its F features at once (take_points)."""
         if getattr(self, "_whole", None) is None:
             arrays = [self.cache.store[k] if self.cache.mode == "memory" else dict(np.load(self.cache.store[k]))
                       for k in self.cache.keys()]
-            feats = torch.from_numpy(np.concatenate([a["feats"] for a in arrays], axis=1))  # (F, ΣM) cache dtype
+            sizes = [a["feats"].shape[1] for a in arrays]
+            first = arrays[0]["feats"]
+            rows = np.empty((sum(sizes), first.shape[0]), first.dtype)  # (ΣM, F), C order: a point per row
+            np.concatenate([a["feats"].T for a in arrays], out=rows)
             labels = torch.from_numpy(np.concatenate([a["labels"] for a in arrays]).astype(np.int64))  # (ΣM,)
-            self._whole = (list(torch.split(feats, [a["feats"].shape[1] for a in arrays], dim=1)), labels)
+            self._whole = ([r.t() for r in torch.split(torch.from_numpy(rows), sizes)], labels)
         return self._whole
 
     def records(self):
@@ -443,13 +509,21 @@ class CachedFeatures:
             yield self.cache.get(k)
 
 
-def feature_source(model, ds, cfg, args, device, train, subset=None):
+def trunk_batch_size(batch_size, device):
+    """Scans per trunk forward when caching features: one on CPU, where a single scan's activations stay in the
+    processor caches (WI-6-64 on the toy, 1 thread: 1.4x faster than batches of 8, measured; the features agree
+    to float rounding, ~1e-6), the training batch size on a GPU, which wants large kernels."""
+    return 1 if torch.device(device).type == "cpu" else batch_size
+
+
+def feature_source(model, ds, cfg, args, device, train, subset=None, prepared=None):
+    """LiveFeatures or CachedFeatures as --cache-features says; prepared: see CachedFeatures."""
     if args.cache_features == "none":
         return LiveFeatures(model, ds, cfg, args, device, train, subset)
     folder = Path(args.out) / "feature_cache" / ("train" if train else "val")
     if args.cache_features == "disk" and folder.exists():
         shutil.rmtree(folder, ignore_errors=True)  # features of another checkpoint must never be reused
-    return CachedFeatures(model, ds, cfg, args, device, train, folder, subset)
+    return CachedFeatures(model, ds, cfg, args, device, train, folder, subset, prepared)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -491,11 +565,18 @@ def subsample_points(feats_list, labels, n, rng):
     for f, lab, m in zip(feats_list, torch.split(labels, sizes), sizes):  # f (F, M), lab (M,)
         if m > n:
             idx = torch.from_numpy(np.sort(np.argpartition(keys[start:start + m], n)[:n]))  # (n,) without repeats
-            f, lab = f[:, idx], lab[idx]
+            f, lab = take_points(f, idx), lab[idx]
         kept_f.append(f)
         kept_l.append(lab)
         start += m
     return kept_f, torch.cat(kept_l)
+
+
+def take_points(f, idx):
+    """Columns idx of f (F, M) as float32 (F, n), gathered as rows of f.T: on whole_split's point-major views
+    that reads n rows of F values instead of F x n scattered ones (about 5x faster on CPU, and float16 gathers
+    are slow there), and only the kept points are cast to float32."""
+    return f.t().index_select(0, idx).float().t()
 
 
 class Run(NamedTuple):
@@ -544,15 +625,27 @@ def head_step(run, feats_list, labels, it):
 
 
 def train(run, p):
-    """Supp. B.3 linear probing, distill.train's shape: epochs of head steps until run.stop, ckpt_last.pth after
-    every epoch (and --eval-every validations)."""
+    """Supp. B.3 linear probing, distill.train's shape: epochs of head steps until run.stop, the resume state
+    after every epoch (ResumeState: ckpt_last.pth) and --eval-every validations."""
+    resume_state = ResumeState(run)
+    try:
+        train_epochs(run, p, resume_state)
+    except BaseException:  # a diverged step, Ctrl-C...: --resume continues from the last finished epoch
+        resume_state.write()
+        raise
+
+
+def train_epochs(run, p, resume_state):
     args, num_classes = run.args, run.config["num_classes"]
     bar = tqdm(total=run.stop, initial=p.it, desc="head", disable=not wi.is_main())
+    seen = (None, None)  # (labels, their counts): a full batch brings the same labels tensor every epoch
     while p.epoch < args.epochs and p.it < run.stop:
         run.model.eval()
         run.model.classif.train()  # only the head (its BN) in train mode (docs/official.md §2)
         for feats_list, labels in run.train_src.epoch(p.epoch):
-            p.counts += wi.label_counts(labels, num_classes)  # before any point subsampling
+            if labels is not seen[0]:
+                seen = (labels, wi.label_counts(labels, num_classes))
+            p.counts += seen[1]  # before any point subsampling
             loss, parts, lr = head_step(run, feats_list, labels, p.it)
             p.it += 1
             bar.update(1)
@@ -561,7 +654,7 @@ def train(run, p):
             if p.it >= run.stop:
                 break
         p.epoch += 1  # (a --max-iters stop in mid-epoch counts that epoch as done: smoke runs only)
-        save_state(run, p)
+        resume_state.epoch_done(p, last=p.epoch >= args.epochs or p.it >= run.stop)
         if args.eval_every and p.epoch % args.eval_every == 0 and p.epoch < args.epochs and p.it < run.stop:
             cm = wi.all_reduce_sum(confusion_of_records(run.model.classif, run.val_src.records(), num_classes,
                                                         run.device, args.amp))
@@ -609,12 +702,48 @@ def setup_head_training(args, model, train_src, val_src, config, device, out):
     return run, p
 
 
-def save_state(run, p):
-    """ckpt_last.pth (resume state, atomic); every rank calls it (it gathers the RNG states), rank 0 writes."""
-    state = wi.training_state(run.model, run.opt, run.sched, run.scaler, p.epoch, p.it,
-                              extra={"train_counts": p.counts.tolist()}, model_key="net", config=run.config)
-    if wi.is_main():
-        wi.save_checkpoint(run.out / "ckpt_last.pth", **state)
+class ResumeState:
+    """ckpt_last.pth (everything --resume needs, written atomically) of the head training. The state is taken
+    after every epoch, on every rank (it gathers the RNG states), and rank 0 writes it when the previous write is
+    CKPT_EVERY_S old, after the last epoch, and when the loop stops on an exception: then the state of the last
+    finished epoch, never a diverged step's. Why not every epoch: a toy epoch is one full-batch step of ~20 ms and
+    a write (torch.save + fsync) 10-30 ms, a third of the head training over 120 epochs; a real-data epoch lasts
+    minutes and is still written every time."""
+
+    def __init__(self, run):
+        self.run, self.pending, self.written_at = run, None, time.monotonic()
+
+    def epoch_done(self, p, last):
+        """After an epoch; last: no epoch follows (the budget or --max-iters is reached)."""
+        run = self.run
+        state = wi.training_state(run.model, run.opt, run.sched, run.scaler, p.epoch, p.it,
+                                  extra={"train_counts": p.counts.tolist()}, model_key="net", config=run.config)
+        self.pending = state
+        if last or time.monotonic() - self.written_at >= CKPT_EVERY_S:
+            self.write()
+        else:  # kept for a later write: a copy that the next steps' in-place updates do not reach
+            self.pending = copied(state)
+
+    def write(self):
+        pending, self.pending = self.pending, None  # a failed write is not tried again on the way out
+        if pending is not None and wi.is_main():
+            wi.save_checkpoint(self.run.out / "ckpt_last.pth", **pending)
+        self.written_at = time.monotonic()
+
+
+def copied(obj):
+    """obj with every tensor cloned and every dict / list rebuilt (a dict's class and attributes, such as a
+    state_dict's _metadata, kept): a snapshot of a training state."""
+    if torch.is_tensor(obj):
+        return obj.clone()
+    if isinstance(obj, dict):
+        new = copy.copy(obj)
+        for k, v in obj.items():
+            new[k] = copied(v)
+        return new
+    if isinstance(obj, list):
+        return [copied(v) for v in obj]
+    return obj
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -790,8 +919,9 @@ def timing_summary(t_feat, t_head, t_eval, steps, cached):
     return times, line
 
 
-def run_probe(args, model, ckpt, class_names, cfg, device, datasets, out):
-    """Features, head training, model.pth (written BEFORE the final evaluation), evaluation, report."""
+def run_probe(args, model, ckpt, class_names, cfg, device, datasets, out, prepared=None):
+    """Features, head training, model.pth (written BEFORE the final evaluation), evaluation, report. prepared: a
+    PreprocessedScans shared with another probe of this process (--compare-random), or None."""
     train_ds, val_ds = datasets
     train_idx, eval_ds, eval_idx, eval_name = evaluation_split(args, train_ds, val_ds)
     config = probe_config(args, model, ckpt, class_names, cfg)
@@ -800,8 +930,9 @@ def run_probe(args, model, ckpt, class_names, cfg, device, datasets, out):
     if wi.is_main():
         (out / "config.json").write_text(json.dumps(config, indent=1, default=str))
     t0 = time.perf_counter()
-    train_src = feature_source(model, train_ds, cfg, args, device, train=True, subset=train_idx)
-    val_src = feature_source(model, eval_ds, cfg, args, device, train=False, subset=eval_idx)
+    train_src = feature_source(model, train_ds, cfg, args, device, train=True, subset=train_idx,
+                               prepared=prepared)
+    val_src = feature_source(model, eval_ds, cfg, args, device, train=False, subset=eval_idx, prepared=prepared)
     t1 = time.perf_counter()
     try:
         counts, steps = train_probe(args, model, train_src, val_src, config, device, out)
@@ -831,8 +962,8 @@ def main(argv=None):
     return compare_with_random(args) if args.compare_random else probe(args)
 
 
-def probe(args):
-    """One linear probe (or --figures-only) with resolved arguments."""
+def probe(args, prepared=None):
+    """One linear probe (or --figures-only) with resolved arguments; prepared: see run_probe."""
     if args.threads:
         torch.set_num_threads(args.threads)
     rank, world, device = wi.setup_device(args.device)
@@ -857,7 +988,7 @@ def probe(args):
             print(f"figure: {p}", flush=True)
     if args.figures_only:
         return wi.ddp_cleanup()
-    run_probe(args, model, ckpt, class_names, cfg, device, (train_ds, val_ds), out)
+    run_probe(args, model, ckpt, class_names, cfg, device, (train_ds, val_ds), out, prepared)
     wi.barrier()
     if args.cache_features == "disk" and wi.is_main():
         shutil.rmtree(out / "feature_cache", ignore_errors=True)  # only valid for this run's backbone
@@ -872,11 +1003,11 @@ def compare_with_random(args):
         raise data.UserError("--compare-random already runs the --random-init baseline", "--random-init",
                              "drop --random-init (or --compare-random)")
     ckpt = wi.resolve_backbone_checkpoint(args.ckpt, "--random-init")  # the distilled backbone, named once
-    rows = []
+    rows, prepared = [], PreprocessedScans()  # both probes read the same scans on the same grid: prepared once
     for name, change in (("distilled (ScaLR)", {}),
                          ("random init", dict(random_init=True, out=f"{args.out}_random"))):
         run = argparse.Namespace(**{**vars(args), "ckpt": ckpt, "compare_random": False, **change})
-        probe(run)
+        probe(run, prepared)
         rows.append((name, json.loads((Path(run.out) / "results.json").read_text())["miou"], run.out))
     print("\nlinear probing on the same data, same head, same budget:")
     print(f"  {'backbone':<20} {'mIoU':>6}  outputs")

@@ -916,6 +916,50 @@ def test_toy_ensure_regenerates_half_written_tree(tmp_path):
         data.make_toy(tmp_path / "real", scans=2)
 
 
+def _toy_part_files(root, part):
+    """{path relative to root: sha256} of every file of one part (nuscenes / semantic_kitti)."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in (root / part).rglob("*") if p.is_file()}
+
+
+def test_toy_part_alone_is_byte_identical_to_its_tree_in_a_whole_world(_toy_tree, tmp_path):
+    for part in data.TOY_PARTS:
+        root = data.make_toy(tmp_path / part, scans=_TOY_SCANS, seed=0, progress=False, workers=1, parts=[part])
+        files = _toy_part_files(root, part)
+        assert len(files) > 10 and files == _toy_part_files(_toy_tree, part), part
+        other, = set(data.TOY_PARTS) - {part}
+        assert not (root / other).exists()                    # only the part asked for
+        assert (root / f"DONE.{part}").read_text() == f"seed=0 scans={_TOY_SCANS}\n"
+        assert not (root / "DONE").exists()                   # not a whole world
+    with pytest.raises(ValueError, match="toy parts"):
+        data.make_toy(tmp_path / "x", scans=1, parts=["pandaset"])
+
+
+def test_toy_ensure_generates_only_the_missing_part(_toy_tree, tmp_path):
+    assert data._toy_parts_for("toy") == ("nuscenes",) and data._toy_parts_for("toy_kitti") == ("semantic_kitti",)
+    assert data._toy_parts_for("merged") == data.TOY_PARTS == ("nuscenes", "semantic_kitti")
+    assert data._toy_parts_for("merged", ["toy", "pandaset64"]) == ("nuscenes",)
+    root = data.ensure_toy(tmp_path / "t", scans=_TOY_SCANS, parts=("nuscenes",))
+    assert (root / "DONE.nuscenes").is_file() and not (root / "semantic_kitti").exists()
+    assert len(data.get_dataset("toy", root=root, split="val")) == 1    # reads nuScenes: KITTI not generated
+    assert not (root / "semantic_kitti").exists()
+    nus, sample = _toy_part_files(root, "nuscenes"), root / "nuscenes" / "v1.0-mini" / "sample.json"
+    stamp = sample.stat().st_mtime_ns
+    stray = root / "semantic_kitti" / "dataset" / "sequences" / "00" / "velodyne" / "000099.bin"
+    stray.parent.mkdir(parents=True)
+    stray.write_bytes(b"half-written")                        # a KITTI part without its marker
+    assert data.ensure_toy(root, scans=_TOY_SCANS, parts=data.TOY_PARTS) == root
+    assert _toy_part_files(root, "nuscenes") == nus and sample.stat().st_mtime_ns == stamp   # kept, not rewritten
+    assert not stray.exists()                                 # regenerated, not mixed
+    assert _toy_tree_hash(root) == _toy_tree_hash(_toy_tree)  # = the whole world of the same seed and scans
+    assert (root / "DONE").read_text() == (_toy_tree / "DONE").read_text() == f"toy world complete: seed=0 " \
+        f"scans={_TOY_SCANS}\n"
+    assert sorted(p.name for p in root.glob("DONE*")) == ["DONE"]   # one marker for the whole world, as before
+    data.make_toy(root, scans=_TOY_SCANS, seed=0, progress=False, workers=1, parts=["semantic_kitti"])
+    assert sample.stat().st_mtime_ns == stamp                 # a part rewritten alone: the other one stays complete
+    assert sorted(p.name for p in root.glob("DONE*")) == ["DONE"] and _toy_tree_hash(root) == _toy_tree_hash(_toy_tree)
+
+
 def test_toy_preview_png(_toy_tree, tmp_path):
     """README picture: bird's-eye view + camera, points coloured by their class; the legend lists exactly the
     classes of the scan."""
@@ -1603,6 +1647,44 @@ def test_lovasz_softmax_matches_bruteforce_definition():
     assert torch.isfinite(probs.grad).all() and probs.grad.abs().sum() > 0
 
 
+def _lovasz_all_rows(probs, labels, classes='present'):
+    """The Lovász-softmax as first written here: torch.sort of every class's errors, then the classes averaged
+    picked out (reference for the rewrite that computes only those classes and sorts with numpy)."""
+    K = probs.shape[1]
+    fg = F.one_hot(labels, K).to(probs.dtype).t().contiguous()  # (K, M)
+    errors = (fg - probs.t()).abs()
+    errors_sorted, perm = torch.sort(errors, dim=1, descending=True)
+    fg_sorted = fg.gather(1, perm)
+    gts = fg.sum(1, keepdim=True)
+    jaccard = 1.0 - (gts - fg_sorted.cumsum(1)) / (gts + (1.0 - fg_sorted).cumsum(1))
+    grad = torch.cat([jaccard[:, :1], jaccard[:, 1:] - jaccard[:, :-1]], dim=1)
+    per_class = (errors_sorted * grad).sum(1)
+    if classes == 'present':
+        return per_class[gts[:, 0] > 0].mean()
+    if classes == 'all':
+        return per_class.mean()
+    return per_class[torch.as_tensor(list(classes))].mean()
+
+
+def test_lovasz_softmax_equals_the_sort_of_every_class_formula():
+    gen = torch.Generator().manual_seed(3)
+    for m, k, scale in ((5000, 16, 1.0), (5000, 16, 8.0), (300, 5, 3.0), (9, 3, 1.0)):
+        labels = torch.randint(0, k - 2, (m,), generator=gen)  # two classes absent
+        for classes in ('present', 'all', [0, 2, 2, k - 1]):
+            logits = (torch.randn(m, k, generator=gen) * scale).requires_grad_()
+            new = wi.lovasz_softmax(torch.softmax(logits, 1), labels, classes=classes)
+            (g_new,) = torch.autograd.grad(new, logits)
+            old = _lovasz_all_rows(torch.softmax(logits, 1), labels, classes=classes)
+            (g_old,) = torch.autograd.grad(old, logits)
+            assert new.item() == pytest.approx(old.item(), abs=1e-6), (m, k, classes)
+            torch.testing.assert_close(g_new, g_old, rtol=1e-5, atol=1e-8)  # random values: no tie to break
+    # uniform probabilities (the zero-initialised head's first steps): every error ties, the loss does not care
+    labels = torch.randint(0, 6, (2000,), generator=gen)
+    probs = torch.full((2000, 8), 1 / 8)
+    assert wi.lovasz_softmax(probs, labels).item() == pytest.approx(_lovasz_all_rows(probs, labels).item(),
+                                                                    abs=1e-7)
+
+
 def test_seg_loss_ce_plus_lovasz_ignores_255():
     gen = torch.Generator().manual_seed(1)
     logits = torch.randn(6, 4, generator=gen)
@@ -1876,6 +1958,26 @@ def test_csv_log_resume_and_plot(tmp_path):
         log.log(iteration=1, acc=3)
     png = wi.plot_log(tmp_path / 'log.csv', tmp_path / 'loss.png', ['loss', 'lr'], title='toy')
     assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n' and png.stat().st_size > 2000
+
+
+def test_one_blas_thread_sets_numpys_openblas_to_one_thread():
+    """data.one_blas_thread (called by every stage's device setup and by the toy generator's workers): numpy's
+    OpenBLAS on one thread, so that it does not busy-wait beside torch's threads. Checked in a fresh process."""
+    code = ("import ctypes, os, numpy as np, data\n"
+            "libs = [l.split()[-1] for l in open('/proc/self/maps') if 'openblas' in os.path.basename(l.split()[-1])]\n"
+            "lib = ctypes.CDLL(libs[0]) if libs else None\n"
+            "get = [getattr(lib, n) for n in ('scipy_openblas_get_num_threads64_', 'openblas_get_num_threads64_',"
+            " 'openblas_get_num_threads') if lib is not None and hasattr(lib, n)]\n"
+            "before = get[0]() if get else -1\n"
+            "data.one_blas_thread()\n"
+            "print(before, get[0]() if get else -1)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=str(Path(data.__file__).parent), env=env,
+                         capture_output=True, text=True, check=True).stdout.split()
+    before, after = int(out[0]), int(out[1])
+    if before == -1:
+        pytest.skip("numpy is not linked to an OpenBLAS found in /proc/self/maps")
+    assert before == os.cpu_count() and after == 1
 
 
 @pytest.mark.parametrize('busy_ticks, omp, expected', [
@@ -5460,6 +5562,77 @@ def test_subsample_points_keeps_n_distinct_points_aligned_with_labels():
         offset += f.shape[1]
     other, _ = probe.subsample_points(feats, labels, 10, np.random.default_rng(1))
     assert not torch.equal(other[0], kept_f[0])  # another step draws other points
+
+
+def test_probe_whole_split_views_give_the_subsample_of_the_cached_scans(tmp_path):
+    src = probe.CachedFeatures.__new__(probe.CachedFeatures)
+    src.cache = probe.FeatureCache("memory", tmp_path, "float16", keep=("feats", "labels"))
+    src.full_batch, src.batch_size, src.seed = True, 2, 0
+    feats, labels = _separable_scans(n_scans=3, points=70)
+    for i, (f, lab) in enumerate(zip(feats, labels)):
+        src.cache.put(i, {"feats": f, "labels": lab})
+    views, all_labels = src.whole_split()  # (F, M_b) transposed slices of one point-major (ΣM, F) tensor
+    plain = [src.cache.get(i)["feats"] for i in range(3)]  # contiguous (F, M_b) float32 copies of the cache
+    for it in range(3):
+        got_f, got_l = probe.subsample_points(views, all_labels, 25, np.random.default_rng([0, it]))
+        want_f, want_l = probe.subsample_points(plain, all_labels, 25, np.random.default_rng([0, it]))
+        assert torch.equal(got_l, want_l)
+        assert all(g.dtype == torch.float32 and torch.equal(g, w) for g, w in zip(got_f, want_f))
+
+
+def test_probe_resume_state_written_after_the_last_epoch_or_when_epochs_are_slow(tmp_path, monkeypatch):
+    writes = []
+    real_save = wi.save_checkpoint
+    monkeypatch.setattr(wi, "save_checkpoint", lambda path, **st: writes.append(st["iteration"]) or
+                        real_save(path, **st))
+    feats, labels = _separable_scans(classes=4)
+    config = {"num_classes": 4, "class_names": list("abcd")}
+    args = probe.resolve_defaults(probe.parse_args(["--out", str(tmp_path / "a"), "--epochs", "5"]))
+    probe.train_probe(args, _Net(8, 4), _FakeSource(feats, labels), None, config, "cpu", tmp_path / "a")
+    assert writes == [5]  # five fast epochs: one write, at the end
+    writes.clear()
+    monkeypatch.setattr(probe, "CKPT_EVERY_S", 0)  # epochs slower than CKPT_EVERY_S: a write after each
+    args = probe.resolve_defaults(probe.parse_args(["--out", str(tmp_path / "b"), "--epochs", "5"]))
+    probe.train_probe(args, _Net(8, 4), _FakeSource(feats, labels), None, config, "cpu", tmp_path / "b")
+    assert writes == [1, 2, 3, 4, 5]
+    a, b = (torch.load(tmp_path / d / "ckpt_last.pth", weights_only=True) for d in "ab")
+    assert a["net"].keys() == b["net"].keys() and all(torch.equal(a["net"][k], b["net"][k]) for k in a["net"])
+    # a kept state is a copy: the live tensors' later in-place updates do not reach it
+    live = {"w": torch.zeros(3), "opt": [{"m": torch.ones(2)}], "step": 4}
+    kept = probe.copied(live)
+    live["w"].add_(1)
+    live["opt"][0]["m"].mul_(0)
+    assert torch.equal(kept["w"], torch.zeros(3)) and torch.equal(kept["opt"][0]["m"], torch.ones(2))
+    assert kept["step"] == 4
+
+
+def test_probe_trunk_features_of_one_scan_at_a_time_equal_the_batched_ones(tiny):
+    args = probe.resolve_defaults(probe.parse_args(_probe_argv(tiny, tiny["tmp"] / "unused")))
+    cfg = data.grid_config("toy", "probe")
+    model, _, _ = probe.build_model(args, cfg, 16)
+    model = probe.freeze_backbone(model)
+    ds = data.get_dataset("toy", root=tiny["root"], split="train")
+    batched = next(iter(probe.ordered_loader(ds, cfg, 3, 0, [0, 1, 2])))
+    together = probe.batch_features(model, batched, "cpu", "none")
+    alone = [probe.batch_features(model, b, "cpu", "none")[0] for b in probe.ordered_loader(ds, cfg, 1, 0, [0, 1, 2])]
+    assert probe.trunk_batch_size(8, "cpu") == 1 and probe.trunk_batch_size(8, "cuda") == 8
+    for a, t in zip(alone, together):  # padding never reaches a real point: the same numbers to float rounding
+        torch.testing.assert_close(a, t, rtol=1e-4, atol=1e-5)
+
+
+def test_probe_compare_random_preprocesses_each_scan_once_and_equals_two_probes(tiny, tmp_path, monkeypatch):
+    prepared = []
+    real_prepare = data.prepare_scan
+    monkeypatch.setattr(data, "prepare_scan", lambda *a, **kw: prepared.append(1) or real_prepare(*a, **kw))
+    probe.main(_probe_argv(tiny, tmp_path / "c", "--compare-random"))
+    assert len(prepared) == 4  # 3 train + 1 val scans, preprocessed for the first probe only
+    probe.main(_probe_argv(tiny, tmp_path / "d"))
+    probe.main(_probe_argv(tiny, tmp_path / "r", "--random-init"))
+    for shared, alone in (("c", "d"), ("c_random", "r")):
+        res = [json.loads((tmp_path / d / "results.json").read_text()) for d in (shared, alone)]
+        assert res[0]["miou"] == res[1]["miou"] and res[0]["confusion_matrix"] == res[1]["confusion_matrix"]
+        a, b = (torch.load(tmp_path / d / "model.pth", weights_only=True)["net"] for d in (shared, alone))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_full_batch_toy_recipe_learns_a_separable_problem(tmp_path):
