@@ -369,7 +369,9 @@ class Progress:
     skips: dict = field(default_factory=dict)  # reason -> scans replaced by the next scan
     seconds: float = 0.0    # wall time of the steps, for the end-of-run throughput
     teacher_seconds: float = 0.0
+    data_seconds: float = 0.0   # waiting for the loader's batch
     scans: int = 0
+    updates: int = 0            # steps taken by this process (the time figures are this process's)
 
 
 def train_step(run, batch, it):
@@ -415,6 +417,7 @@ def train(run, p):
                    disable=args.no_progress or not wi.is_main())
         tick = time.perf_counter()
         for batch in run.loader:
+            t_data = time.perf_counter() - tick  # waiting for the sample (prepared here with --workers 0)
             loss, lr, t_teacher, points = train_step(run, batch, p.it)
             p.it, p.batches_done = p.it + 1, p.batches_done + 1
             for _, reason in batch['skipped']:  # scans replaced by the next one (missing image, ...)
@@ -423,6 +426,7 @@ def train(run, p):
             dt, tick = now - tick, now
             p.seconds, p.teacher_seconds, p.scans = p.seconds + dt, p.teacher_seconds + t_teacher, \
                 p.scans + args.batch_size
+            p.data_seconds, p.updates = p.data_seconds + t_data, p.updates + 1
             bar.update(1)
             bar.set_postfix(loss=f'{loss:.4f}', scans_s=f'{args.batch_size / dt:.1f}', lr=f'{lr:.2e}')
             if p.it % args.log_every == 0 or p.it == run.stop:
@@ -1075,6 +1079,17 @@ def report(run, p):
     print(f'done: {out / "model.pth"} | skipped scans: {skipped} | {rate:.2f} scans/s on {run.world} x '
           f'{run.device.type} (teacher forward {100 * share:.0f}% of the time) | {out / "log.csv"}, '
           f'{out / "loss.png"}', flush=True)
+    print(step_time_table(p), flush=True)
+
+
+def step_time_table(p):
+    """Where an update's time went in this process, as a table: waiting for the sample, the teacher, the rest."""
+    n = max(p.updates, 1)
+    parts = [('sample (loader wait)', p.data_seconds), ('teacher forward', p.teacher_seconds),
+             ('student forward + backward + AdamW', p.seconds - p.data_seconds - p.teacher_seconds)]
+    head = f'{f"time per update ({p.updates} updates)":<36}{"ms":>9}{"share":>9}'
+    rows = [f'{name:<36}{1000 * sec / n:>9.1f}{100 * sec / max(p.seconds, 1e-9):>7.0f} %' for name, sec in parts]
+    return '\n'.join([head, *rows, f'{"total":<36}{1000 * p.seconds / n:>9.1f}{100:>7} %'])
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -2357,6 +2357,15 @@ def test_batch_samples_prepared_by_threads_equal_the_samples_one_after_the_other
     assert not np.array_equal(together[0]['feat'], together[len(ds)]['feat'])  # epochs draw anew
 
 
+def test_end_of_run_table_splits_the_update_time_into_sample_teacher_and_student():
+    p = distill.Progress(seconds=10.0, teacher_seconds=1.0, data_seconds=2.5, updates=100, scans=200)
+    lines = distill.step_time_table(p).splitlines()
+    assert lines[0].split()[-2:] == ['ms', 'share'] and '(100 updates)' in lines[0]
+    assert lines[1].split()[-3:] == ['25.0', '25', '%'] and lines[1].startswith('sample')
+    assert lines[2].split()[-3:] == ['10.0', '10', '%'] and lines[2].startswith('teacher')
+    assert lines[3].split()[-3:] == ['65.0', '65', '%'] and lines[4].split()[-3:] == ['100.0', '100', '%']
+
+
 def test_resume_after_2_iterations_equals_4_straight_iterations(_distill_toy, tmp_path):
     straight = distill.main(_distill_args(_distill_toy, tmp_path / 'a', '--max-iters', '4'))
     distill.main(_distill_args(_distill_toy, tmp_path / 'b', '--max-iters', '2'))
