@@ -6033,6 +6033,20 @@ def test_train_embedding_folded_batchnorms_give_the_gradients_of_the_official_la
         assert name.endswith("num_batches_tracked") is False or int(a) == 2
 
 
+def test_train_embedding_batch_statistics_stay_fp32_under_autocast():
+    """AMP (--amp bf16 / fp16): the folded BatchNorms' statistics and affine map are computed in fp32 whatever the
+    autocast, so the running statistics after a step are those of the fp32 step (only the big products are cast)."""
+    model = _model_tiny(width=16, depth=1, head=None).train()
+    twin = copy.deepcopy(model)
+    feat, _, neighbors, _ = wi.synthetic_batch(2, 150, 4, model.grids, seed=12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model.embed(feat, neighbors)
+    full = twin.embed(feat, neighbors)
+    for (name, a), (_, b) in zip(model.embed.named_buffers(), twin.embed.named_buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+    assert low.dtype == torch.bfloat16 and (low.float() - full).abs().max() < 0.05 * full.abs().max()
+
+
 def test_linear_head_as_matmul_equals_the_conv1d_module():
     model = _model_tiny(width=16, depth=2, nb_class=7, head="linear").eval()
     inputs = wi.synthetic_batch(2, 50, 4, model.grids, seed=5)

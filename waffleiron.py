@@ -201,30 +201,31 @@ class Embedding(nn.Module):
         covariance S: m1 = W (d0 (mean(rel) - m0) + beta0), v1 = diag(W D0 S D0 W^T). Only C_in = 5 channels are
         reduced over the columns, never the F-channel tensor."""
         bn0, conv_a, bn1 = self.conv2[0], self.conv2[1], self.conv2[2]
-        W = conv_a.weight.flatten(1)                                                         # (F, C_in)
-        batch0, batch1 = (bn.training or bn.running_mean is None for bn in (bn0, bn1))  # as nn.BatchNorm decides
-        if batch0 or batch1:  # rel's mean and covariance, in fp32 whatever the autocast
-            with torch.autocast(rel.device.type, enabled=False):
+        with torch.autocast(conv_a.weight.device.type, enabled=False):  # statistics and map in fp32, always
+            W = conv_a.weight.float().flatten(1)                                             # (F, C_in)
+            batch0, batch1 = (bn.training or bn.running_mean is None for bn in (bn0, bn1))  # as nn.BatchNorm does
+            if batch0 or batch1:  # rel's mean and covariance over its B*L columns
                 cols = rel.float().transpose(0, 1).reshape(rel.shape[1], -1)                 # (C_in, B*L)
                 count = cols.shape[1]
                 mean = cols.mean(dim=1)                                                      # (C_in,)
                 centred = cols - mean[:, None]
                 cov = centred @ centred.t() / count                                          # (C_in, C_in)
-        if batch0:
-            m0, v0 = mean, cov.diagonal()
-            _update_running_stats(bn0, m0, v0, count)
-        else:
-            m0, v0 = bn0.running_mean, bn0.running_var
-        d0 = bn0.weight / torch.sqrt(v0 + bn0.eps)                                           # (C_in,)
-        Wd = W * d0                                                                          # W diag(d0)
-        if batch1:
-            m1 = W @ (d0 * (mean - m0) + bn0.bias)                                           # (F,)
-            v1 = ((Wd @ cov) * Wd).sum(dim=1)                                                # diag(Wd S Wd^T)
-            _update_running_stats(bn1, m1, v1, count)
-        else:
-            m1, v1 = bn1.running_mean, bn1.running_var
-        d1 = bn1.weight / torch.sqrt(v1 + bn1.eps)                                           # (F,)
-        return d1[:, None] * Wd, d1 * (W @ (bn0.bias - d0 * m0) - m1) + bn1.bias
+            if batch0:
+                m0, v0 = mean, cov.diagonal()
+                _update_running_stats(bn0, m0, v0, count)
+            else:
+                m0, v0 = bn0.running_mean, bn0.running_var
+            d0 = bn0.weight / torch.sqrt(v0 + bn0.eps)                                       # (C_in,)
+            Wd = W * d0                                                                      # W diag(d0)
+            if batch1:
+                m1 = W @ (d0 * (mean - m0) + bn0.bias)                                       # (F,)
+                v1 = ((Wd @ cov) * Wd).sum(dim=1)                                            # diag(Wd S Wd^T)
+                _update_running_stats(bn1, m1, v1, count)
+            else:
+                m1, v1 = bn1.running_mean, bn1.running_var
+            d1 = bn1.weight / torch.sqrt(v1 + bn1.eps)                                       # (F,)
+            A, a = d1[:, None] * Wd, d1 * (W @ (bn0.bias - d0 * m0) - m1) + bn1.bias
+        return A.to(conv_a.weight.dtype), a.to(conv_a.weight.dtype)  # the model's dtype (autocast casts later)
 
     def forward(self, feat, neighbors):
         """feat (B, C_in, N), neighbors (B, k, N) -> tokens (B, N, F), token-major for the blocks."""
