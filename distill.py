@@ -154,16 +154,16 @@ def teacher_targets(teachers, images, pairs, cache=None, keys=None):
 
 
 def teacher_maps(teachers, images, cache=None, keys=None):
-    """Each teacher's patch features of the batch's images, all images in one forward: [(B, C_t, h/p, w/p)].
+    """Each teacher's patch features of the batch's images: [(B, C_t, h/p, w/p)], all images in one forward.
     With a cache (a dict, --cache-teacher), an image is run through the teachers once per run and looked up by
     its key (scan id, camera) afterwards. That is exact: the teachers are frozen (eval mode, no dropout) and the
     image of a (scan, camera) is the same at every epoch, since the pretraining augmentations move the points only
     (ScaLR datasets/im_pc_dataset.py: the image is loaded and resized, never augmented)."""
     if cache is None:
         return [t(images) for t in teachers]
-    new = [b for b, key in enumerate(keys) if key not in cache]
-    for b in new:  # one image per forward, so its features do not depend on the batch it came in (exact
-            cache[keys[b]] = [t(images[b:b + 1])[0] for t in teachers]  # resume)  (C_t, h/p, w/p) each
+    for b, key in enumerate(keys):
+        if key not in cache:  # one image per forward: its features never depend on its batch (--resume is exact)
+            cache[key] = [t(images[b:b + 1])[0] for t in teachers]  # (C_t, h/p, w/p) each
     return [torch.stack([cache[key][i] for key in keys]) for i in range(len(teachers))]
 
 
@@ -1034,7 +1034,8 @@ def setup(args):
     log = wi.CSVLog(out / 'log.csv', LOG_FIELDS, resume_iteration=p.it if args.resume else None)
     run = Run(args=args, out=out, device=device, world=world, cfg=cfg, teachers=teachers, dims=dims,
               model=wi.wrap_ddp(model, device).train(), opt=opt, sched=sched, scaler=scaler, loader=loader,
-              teacher_cache={} if args.cache_teacher else None, log=log, config=config, per_epoch=per_epoch, stop=stop)
+              teacher_cache={} if args.cache_teacher else None, log=log, config=config, per_epoch=per_epoch,
+              stop=stop)
     return run, p
 
 

@@ -722,28 +722,13 @@ class ResumeState:
         if last or time.monotonic() - self.written_at >= CKPT_EVERY_S:
             self.write()
         else:  # kept for a later write: a copy that the next steps' in-place updates do not reach
-            self.pending = copied(state)
+            self.pending = copy.deepcopy(state)
 
     def write(self):
         pending, self.pending = self.pending, None  # a failed write is not tried again on the way out
         if pending is not None and wi.is_main():
             wi.save_checkpoint(self.run.out / "ckpt_last.pth", **pending)
         self.written_at = time.monotonic()
-
-
-def copied(obj):
-    """obj with every tensor cloned and every dict / list rebuilt (a dict's class and attributes, such as a
-    state_dict's _metadata, kept): a snapshot of a training state."""
-    if torch.is_tensor(obj):
-        return obj.clone()
-    if isinstance(obj, dict):
-        new = copy.copy(obj)
-        for k, v in obj.items():
-            new[k] = copied(v)
-        return new
-    if isinstance(obj, list):
-        return [copied(v) for v in obj]
-    return obj
 
 
 # ----------------------------------------------------------------------------------------------------------------

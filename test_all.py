@@ -5628,13 +5628,22 @@ def test_probe_resume_state_written_after_the_last_epoch_or_when_epochs_are_slow
     assert writes == [1, 2, 3, 4, 5]
     a, b = (torch.load(tmp_path / d / "ckpt_last.pth", weights_only=True) for d in "ab")
     assert a["net"].keys() == b["net"].keys() and all(torch.equal(a["net"][k], b["net"][k]) for k in a["net"])
-    # a kept state is a copy: the live tensors' later in-place updates do not reach it
-    live = {"w": torch.zeros(3), "opt": [{"m": torch.ones(2)}], "step": 4}
-    kept = probe.copied(live)
-    live["w"].add_(1)
-    live["opt"][0]["m"].mul_(0)
-    assert torch.equal(kept["w"], torch.zeros(3)) and torch.equal(kept["opt"][0]["m"], torch.ones(2))
-    assert kept["step"] == 4
+    # a kept state is a copy (ResumeState: copy.deepcopy of wi.training_state): later in-place updates of the
+    # model and optimizer do not reach it, and it still saves and loads as a checkpoint
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(net.parameters(), lr=0.1)
+    net(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    live = wi.training_state(net, opt, epoch=1, iteration=4)
+    kept = copy.deepcopy(live)
+    weight, moment = net.weight.detach().clone(), opt.state[net.weight]["exp_avg"].clone()
+    net(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    assert not torch.equal(net.weight, weight)
+    wi.save_checkpoint(tmp_path / "kept.pth", **kept)
+    back = torch.load(tmp_path / "kept.pth", weights_only=True)
+    assert torch.equal(back["model_point"]["weight"], weight) and back["iteration"] == 4
+    assert torch.equal(back["optim"]["state"][0]["exp_avg"], moment)
 
 
 def test_probe_trunk_features_of_one_scan_at_a_time_equal_the_batched_ones(tiny):
