@@ -5945,6 +5945,18 @@ def _grad_list(model, forward, inputs):
     return [p.grad.clone() for p in model.parameters()]
 
 
+def test_sparse_planes_only_where_few_cells_are_dilated():
+    """SPARSE_MAX_FILL (8 %): a plane whose occupied cells and their 3x3 neighbours cover 3 % of the grid is computed
+    sparse, one covering 14 % dense (on CPU a sparse row costs several dense cells)."""
+    H = W = 100
+    def plane(n_cells):  # n_cells isolated occupied cells (every 4th row and column): 9 dilated cells each
+        keys = torch.tensor([(4 * (c // 25) + 1) * W + 4 * (c % 25) + 1 for c in range(n_cells)])
+        return wi.sparse_plane(keys, torch.ones(n_cells), H, W, batch=1)
+    few, many = plane(34), plane(156)  # 306 and 1,404 dilated cells of 10,000
+    assert few is not None and few.taps_a.shape[1] == 306
+    assert many is None
+
+
 @pytest.mark.parametrize("layer_norm", [True, False])
 def test_sparse_spatial_mix_equals_the_dense_grid_and_the_official_layout(layer_norm, monkeypatch):
     """WI paper, spatial mixing: the 3x3 convolutions evaluated only at the cells that are read back (and their
@@ -5952,6 +5964,7 @@ def test_sparse_spatial_mix_equals_the_dense_grid_and_the_official_layout(layer_
     grids = ((24, 24), (24, 6), (24, 6))
     model = _model_tiny(width=16, depth=4, head=None, layer_norm=layer_norm, grids=grids)
     inputs = _sparse_batch(grids=grids)
+    monkeypatch.setattr(wi, "SPARSE_MAX_FILL", 0.5)  # a mix of sparse and dense planes on these tiny grids
     planes = wi.projection_indices(inputs[1], inputs[3], grids)
     assert planes[0].taps_a is not None and planes[0].rows < 2 * 24 * 24 / 4  # the 24x24 plane is sparse
     dense = [wi.projection_indices(inputs[1], inputs[3], grids, sparse=False)]

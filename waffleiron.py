@@ -324,8 +324,13 @@ class ProjectionIndex(NamedTuple):
 # ~12 % of the 256 x 32 ones. The depthwise 3x3 convolutions of the spatial mixing are only ever read back at the
 # cells that hold points (inflate), so we compute them there only (exact, the same sums): the first convolution on
 # the cells within one step of a point's cell ("dilated" cells), the second on the cells of the points.
-# A plane uses this sparse form when the dilated cells are under SPARSE_MAX_FILL of the grid, else the dense grid.
-SPARSE_MAX_FILL = 0.5
+# A plane uses this sparse form when the dilated cells are under SPARSE_MAX_FILL of the grid, else the dense grid:
+# a sparse row costs ~5-8x a dense cell on CPU (nine gathers per convolution against one pass of the dense
+# kernel), measured with freed memory kept in the process (keep_freed_memory). On a real 34,688-point nuScenes
+# sweep (dilated cells: 18 % of 256 x 256, 44 % of 256 x 32), training step of WI-12-64 at 1 thread 896 ms with a
+# 50 % threshold, 738 ms with 8 %; WI-12-256 4,455 vs 4,495 ms; toy planes (3 % of 128 x 128 sparse, 10-13 % of
+# 128 x 16 dense) 2.7 -> 2.0 ms per mixing layer on the 128 x 16 planes.
+SPARSE_MAX_FILL = 0.08
 _TAPS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 0), (0, 1), (1, -1), (1, 0), (1, 1))  # weight[:, 0, u+1, v+1]
 
 
@@ -2163,6 +2168,7 @@ def bench_main(argv):
                    help="torch CPU threads (0: PyTorch default; 1 gives steadier figures on a shared machine)")
     args = p.parse_args(argv)
     args.device = str(resolve_device(args.device))
+    keep_freed_memory()  # as the training stages run (setup_device), for both implementations
     if args.threads:
         torch.set_num_threads(args.threads)
     opts = dict(vars(args), impls=["ours", "naive"] if args.impl == "both" else [args.impl])
