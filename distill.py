@@ -1022,7 +1022,7 @@ def setup(args):
     head = args.head or ('mlp' if len(dims) > 1 else 'linear')
     wi.seed_everything(args.seed)  # the student init does not depend on how the teachers were built
     model = build_student(args, cfg, dims, head).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)  # all params decayed
+    opt = wi.make_adamw(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)  # all params decayed
     sched = wi.make_scheduler(opt, args.warmup_iters, total, args.min_lr, args.lr)  # Supp. B.2
     scaler = wi.make_grad_scaler(args.amp, device)
     config = dict(run_config(args, cfg, dims, head, total, per_epoch), model=model.config)

@@ -479,7 +479,7 @@ def make_optimizer(model, args, iters_per_epoch):
     """AdamW over layer-decay groups (Supp. B.4, ScaLR finetune.py) + per-iteration warmup-cosine LambdaLR
     (ScaLR utils/scheduler.py)."""
     groups = wi.layer_decay_param_groups(model, args.lr, args.layer_decay, args.weight_decay)
-    opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
+    opt = wi.make_adamw(groups, lr=args.lr, weight_decay=args.weight_decay)
     # Supp. B.4: LR 0 -> lr during the first tenth of the epochs, then cosine to min_lr (= 0)
     sched = wi.make_scheduler(opt, warmup_iters=round(args.warmup_epochs * iters_per_epoch),
                               total_iters=args.epochs * iters_per_epoch, min_lr=args.min_lr, base_lr=args.lr)

@@ -677,7 +677,7 @@ def setup_head_training(args, model, train_src, val_src, config, device, out):
     """The Run of a linear probe (AdamW on the head, schedule, scaler, log) and its Progress, restored from
     OUT/ckpt_last.pth with --resume."""
     head = model.classif
-    opt = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=args.weight_decay)  # Supp. B.3
+    opt = wi.make_adamw(head.parameters(), lr=args.lr, weight_decay=args.weight_decay)  # Supp. B.3
     ipe = train_src.iters_per_epoch
     # Supp. B.3: LR 0 -> lr over the warmup epochs, then cosine to min_lr, stepped every iteration
     # (ScaLR utils/scheduler.py)

@@ -1560,6 +1560,28 @@ def test_supp_b2_warmup_cosine_factor_values():
     assert wi.warmup_cosine(0, 0, 10, 0.0) == pytest.approx(1.0)  # no warmup
 
 
+def test_make_adamw_is_fused_and_takes_adamws_steps():
+    """wi.make_adamw (every stage's optimizer): fused where torch can (CPU since torch 2.4), and the same
+    parameters as torch.optim.AdamW after 5 steps with weight decay and two groups (to float rounding)."""
+    torch.manual_seed(0)
+    init = [torch.randn(7, 5), torch.randn(5)]
+    grads = [[torch.randn_like(t) for t in init] for _ in range(5)]
+    results = []
+    for make in (wi.make_adamw, torch.optim.AdamW):
+        ps = [nn.Parameter(t.clone()) for t in init]
+        opt = make([{'params': [ps[0]], 'lr': 1e-2}, {'params': [ps[1]], 'lr': 3e-3}], weight_decay=0.05)
+        for g in grads:
+            for p, gi in zip(ps, g):
+                p.grad = gi.clone()
+            opt.step()
+        results.append((ps, opt))
+    (fused, opt), (plain, _) = results
+    assert opt.param_groups[0]['fused'] is True
+    for a, b, t in zip(fused, plain, init):
+        assert (a - t).abs().max() > 1e-3  # they moved
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
 def test_supp_b2_scheduler_lr_per_iteration():
     p = nn.Parameter(torch.zeros(1))
     opt = torch.optim.AdamW([p], lr=2e-3)

@@ -885,6 +885,17 @@ class WarmupCosine:
         return warmup_cosine(it, self.warmup, self.total, self.min_ratio)
 
 
+def make_adamw(params, **hyper):
+    """torch.optim.AdamW(params, **hyper) with fused=True: one kernel updates every parameter instead of a dozen
+    small ops per tensor (the optimizer of a toy distillation update: 3.4 -> 1.4 ms on 2 cores). The same AdamW;
+    where this torch cannot fuse for these parameters (CPU before torch 2.4), the default implementation."""
+    params = list(params)
+    try:
+        return torch.optim.AdamW(params, fused=True, **hyper)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(params, **hyper)
+
+
 def make_scheduler(optimizer, warmup_iters, total_iters, min_lr=0.0, base_lr=None):
     """LambdaLR stepped once per iteration (ScaLR utils/finetuner.py); the first step is taken with lr = 0.
 
