@@ -514,6 +514,27 @@ def test_voxelize_limit_fov_features():
     assert f.tolist() == [[0.5, 3, 4, 0, 5]] and f.dtype == np.float32  # [i, x, y, z, radius]
 
 
+def test_voxelize_keeps_the_first_point_of_each_voxel_in_the_permuted_order():
+    """data.voxelize = the official Voxelize: permute the points (rng), keep the first point of each voxel in that
+    order (np.unique's return_index on the permuted keys, written out here as the reference), rows sorted."""
+    rng = np.random.default_rng(3)
+    xyz = rng.uniform(-2, 2, (5000, 3)).astype(np.float32)  # 0.5 m voxels: ~500 voxels, ~10 points each
+    def reference(xyz, voxel, order):
+        q = np.floor((xyz - xyz.min(0)) / voxel).astype(np.int64)
+        keys = [tuple(v) for v in q[order]]
+        seen, kept = set(), []
+        for row, key in zip(order, keys):
+            if key not in seen:
+                seen.add(key)
+                kept.append(row)
+        return np.sort(np.array(kept))
+    got = data.voxelize(xyz, 0.5)
+    assert 400 < len(got) < 600 and np.array_equal(got, reference(xyz, 0.5, np.arange(5000)))
+    for seed in range(3):
+        order = np.random.default_rng(seed).permutation(5000)
+        assert np.array_equal(data.voxelize(xyz, 0.5, np.random.default_rng(seed)), reference(xyz, 0.5, order))
+
+
 def test_prepare_scan_eval_upsample_and_train_augmentation():
     rng = np.random.default_rng(0)
     pts = np.concatenate([rng.uniform(-70, 70, (3000, 2)), rng.uniform(-2, 2, (3000, 1)),
