@@ -139,9 +139,11 @@ def pixel_features(fmap, pairs, patch):
     x0 = x.floor().long().clamp(max=w - 1)
     y1, x1 = (y0 + 1).clamp(max=h - 1), (x0 + 1).clamp(max=w - 1)
     wy, wx = (y - y0).unsqueeze(1), (x - x0).unsqueeze(1)  # (M, 1)
-    f = fmap.float().permute(0, 2, 3, 1)  # (B, h, w, C)
-    top = f[b, y0, x0] * (1 - wx) + f[b, y0, x1] * wx
-    bottom = f[b, y1, x0] * (1 - wx) + f[b, y1, x1] * wx
+    f = fmap.float().permute(0, 2, 3, 1).reshape(B * h * w, C)  # (B*h*w, C) rows of the patch map
+    corners = torch.stack([y0 * w + x0, y0 * w + x1, y1 * w + x0, y1 * w + x1]) + b * (h * w)  # (4, M) rows
+    f00, f01, f10, f11 = f.index_select(0, corners.view(-1)).view(4, -1, C)  # one gather, (M, C) each
+    top = f00 * (1 - wx) + f01 * wx
+    bottom = f10 * (1 - wx) + f11 * wx
     return top * (1 - wy) + bottom * wy  # (M, C)
 
 
