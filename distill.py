@@ -201,18 +201,24 @@ def resize_images(img, image_size, antialias=False):
     return F.interpolate(img, size=tuple(image_size), mode='bilinear', align_corners=False, antialias=antialias)
 
 
-def distill_sample(ds, i, cfg, image_size, rng, cameras='one', antialias=False, preprocess_on='cpu'):
+def distill_sample(ds, i, cfg, image_size, rng, cameras='one', antialias=False, preprocess_on='cpu', cached=()):
     """One scan -> (sample dict, None) or (None, reason to skip). Official order (ScaLR datasets/im_pc_dataset.py).
 
     cameras='one' (official): one camera uniformly at random; sample['image'] (3, h, w), sample['pairs'] (M, 2)
     [row', col']. cameras='all' (Supp. E, exercise b): every camera image of the scan is loaded, the student sees the
     points visible in ANY of them, each paired with one camera it lands in (uniformly at random if several);
-    sample['images'] (V, 3, h, w), sample['pairs'] (M, 3) [image index in 0..V-1, row', col']."""
+    sample['images'] (V, 3, h, w), sample['pairs'] (M, 3) [image index in 0..V-1, row', col'].
+    cached: keys (scan id, camera) whose teacher features are already cached (--cache-teacher): their image is not
+    read, and its place in the sample holds zeros (the teacher never sees it)."""
     sub, j = ds.sub(i) if hasattr(ds, 'sub') else (ds, i)
     # one camera uniformly at random per scan and iteration (KITTI: its camera, PandaSet-GT: front_camera)
     cams = [sub.cameras[int(rng.integers(len(sub.cameras)))]] if cameras == 'one' else list(sub.cameras)
     images, views, reason = [], [], None
     for cam in cams:
+        if (sub.scan_id(j), cam) in cached:  # read and checked when its features were computed
+            images.append(None)
+            views.append(cam)
+            continue
         im, why = read_camera_image(sub, j, cam)  # (H, W, 3) uint8
         if im is None:
             reason = reason or why
@@ -235,8 +241,9 @@ def distill_sample(ds, i, cfg, image_size, rng, cameras='one', antialias=False, 
         return None, 'no visible point in the FOV'
     xyz, sel = xyz[inside], sel[inside]
     intensity = sub.normalize_intensity(pts[sel, 3])
-    img = torch.stack([torch.tensor(im).permute(2, 0, 1).float() / 255.0 for im in images])  # (V, 3, H, W)
-    img = resize_images(img, image_size, antialias)  # (V, 3, h, w), as the official torchvision resize
+    img = torch.cat([torch.zeros(1, 3, *image_size) if im is None else  # cached: not needed
+                     resize_images(torch.tensor(im).permute(2, 0, 1)[None].float() / 255.0, image_size, antialias)
+                     for im in images])  # (V, 3, h, w), each resized as the official torchvision resize
     sample = dict(feat=data.input_features(xyz, intensity).T.copy(),  # (5, M) [int, x, y, z, radius]
                   xyz=xyz, scan_id=sub.scan_id(j), kept=sel)
     if preprocess_on == 'cpu':  # else: cells and kNN-16 of the whole batch on the training device (train_step)
@@ -277,9 +284,12 @@ class DistillDataset(torch.utils.data.Dataset):
     recorded in sample['skipped'] and counted by the training loop."""
 
     def __init__(self, ds, cfg, image_size, seed=0, max_tries=32, cameras='one', antialias=False,
-                 preprocess_on='cpu'):
+                 preprocess_on='cpu', teacher_cache=None):
         self.ds, self.cfg, self.image_size, self.seed, self.max_tries = ds, cfg, tuple(image_size), seed, max_tries
         self.cameras, self.antialias, self.preprocess_on = cameras, antialias, preprocess_on
+        # --cache-teacher: the images whose features are cached are not read (in a loader worker process this is
+        # the copy made when the worker started, so it only ever lists fewer keys: those images are read again)
+        self.cached = teacher_cache if teacher_cache is not None else ()
 
     def __len__(self):
         return len(self.ds)
@@ -291,7 +301,7 @@ class DistillDataset(torch.utils.data.Dataset):
         for attempt in range(self.max_tries):
             j = (index + attempt) % len(self.ds)
             sample, reason = distill_sample(self.ds, j, self.cfg, self.image_size, rng, self.cameras,
-                                            self.antialias, self.preprocess_on)
+                                            self.antialias, self.preprocess_on, self.cached)
             if sample is not None:
                 sample['skipped'] = skipped
                 return sample
@@ -329,7 +339,7 @@ def distill_collate(samples):
         pairs.append(p + torch.tensor([first, 0, 0]))
         images.append(imgs)
         first += len(imgs)
-    batch['images'] = torch.cat(images)  # (V, 3, h, w)
+    batch['images'] = torch.cat(images)  # (V, 3, h, w); zeros where the teacher features are cached (not read)
     batch['pairs'] = torch.cat(pairs)  # (M, 3)
     batch['scan_id'] = [s['scan_id'] for s in samples]
     batch['image_keys'] = [(s['scan_id'], cam) for s in samples  # one per image, in batch['images'] order
@@ -1012,8 +1022,10 @@ def setup(args):
     names = [d.name for d in ds.datasets] if hasattr(ds, 'datasets') else [ds.name]
     try:
         per_epoch, total, stop = resolve_budget(args, names, len(ds), world)
+        teacher_cache = {} if args.cache_teacher else None  # (scan id, camera) -> features, filled by train_step
         dataset = DistillDataset(ds, cfg, args.image_size, seed=args.seed, cameras=args.cameras,
-                                 antialias=args.antialias == 'on', preprocess_on=args.preprocess_on)
+                                 antialias=args.antialias == 'on', preprocess_on=args.preprocess_on,
+                                 teacher_cache=teacher_cache)
         loader = data.make_loader(dataset, args.batch_size, train=True, collate_fn=distill_collate, seed=args.seed,
                                   workers=args.workers, pin_memory=device.type == 'cuda')
     except ValueError as e:
@@ -1036,7 +1048,7 @@ def setup(args):
     log = wi.CSVLog(out / 'log.csv', LOG_FIELDS, resume_iteration=p.it if args.resume else None)
     run = Run(args=args, out=out, device=device, world=world, cfg=cfg, teachers=teachers, dims=dims,
               model=wi.wrap_ddp(model, device).train(), opt=opt, sched=sched, scaler=scaler, loader=loader,
-              teacher_cache={} if args.cache_teacher else None, log=log, config=config, per_epoch=per_epoch,
+              teacher_cache=teacher_cache, log=log, config=config, per_epoch=per_epoch,
               stop=stop)
     return run, p
 

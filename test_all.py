@@ -2405,6 +2405,40 @@ def test_two_iteration_toy_run_writes_loadable_model_and_log(_distill_run2):
                                            ckpt['model_point'].items())  # model.pth = the final training state
 
 
+def test_samples_skip_the_images_whose_teacher_features_are_cached(_distill_toy, monkeypatch):
+    """--cache-teacher: a sample whose (scan, camera) features are cached does not read its image (zeros hold its
+    place; the teacher never sees them); everything else in the sample is unchanged, and the other scans' images
+    are read and resized as before."""
+    ds = data.get_dataset('toy', root=str(_distill_toy), split='train')
+    cfg = data.grid_config('toy', 'pretrain')
+    plain = [distill.DistillDataset(ds, cfg, (56, 112), seed=5)[(j, 0)] for j in range(len(ds))]
+    cache = {(plain[0]['scan_id'], plain[0]['camera']): 'features'}
+    reads = []
+    image = type(ds).image
+    monkeypatch.setattr(type(ds), 'image', lambda self, j, cam: reads.append((j, cam)) or image(self, j, cam))
+    skipping = [distill.DistillDataset(ds, cfg, (56, 112), seed=5, teacher_cache=cache)[(j, 0)]
+                for j in range(len(ds))]
+    assert reads == [(j, plain[j]['camera']) for j in range(1, len(ds))]  # scan 0's image was not read
+    assert plain[0]['image'].abs().sum() > 0 and torch.equal(skipping[0]['image'], torch.zeros(3, 56, 112))
+    for a, b in zip(plain, skipping):
+        assert a['camera'] == b['camera'] and np.array_equal(a['pairs'], b['pairs'])
+        assert np.array_equal(a['neighbors'], b['neighbors']) and np.array_equal(a['feat'], b['feat'])
+    for a, b in zip(plain[1:], skipping[1:]):
+        assert torch.equal(a['image'], b['image'])
+
+
+def test_distillation_with_the_teacher_cache_follows_the_uncached_run(_distill_toy, tmp_path):
+    """--cache-teacher on (features reused, cached images not read) against off (every image read and run through
+    the teacher), 12 epochs of the 3-scan toy (24 images drawn from 18 (scan, camera) pairs: some are drawn again):
+    the same losses at every iteration (to the float rounding of one image per teacher forward against two)."""
+    logs = {}
+    for flag in ('--cache-teacher', '--no-cache-teacher'):
+        out = distill.main(_distill_args(_distill_toy, tmp_path / flag, '--epochs', '12', '--log-every', '1', flag))
+        logs[flag] = [float(r['loss']) for r in _distill_log(out / 'log.csv')]
+    assert len(logs['--cache-teacher']) == 12
+    np.testing.assert_allclose(logs['--cache-teacher'], logs['--no-cache-teacher'], rtol=1e-4)
+
+
 def test_batch_samples_prepared_by_threads_equal_the_samples_one_after_the_other(_distill_toy):
     """DistillDataset.__getitems__: in the training process with several torch threads, the scans of a batch are
     prepared by a thread each; every sample has its own seeded generator, so they equal the sequential ones."""
