@@ -287,8 +287,9 @@ class DistillDataset(torch.utils.data.Dataset):
                  preprocess_on='cpu', teacher_cache=None):
         self.ds, self.cfg, self.image_size, self.seed, self.max_tries = ds, cfg, tuple(image_size), seed, max_tries
         self.cameras, self.antialias, self.preprocess_on = cameras, antialias, preprocess_on
-        # --cache-teacher: the images whose features are cached are not read (in a loader worker process this is
-        # the copy made when the worker started, so it only ever lists fewer keys: those images are read again)
+        # --cache-teacher: the images whose features are cached are not read. Only in the training process
+        # (--workers 0, the toy default): a loader worker copies the cache when it starts, empty, and so reads every
+        # image (the same samples, just without this saving).
         self.cached = teacher_cache if teacher_cache is not None else ()
 
     def __len__(self):
@@ -798,7 +799,8 @@ def _add_data_and_teacher_flags(a):
       help='teacher input H,W (ScaLR: 224,448; ScaLR+: 448,896); multiples of every patch size')
     a('--cache-teacher', default=None, action=argparse.BooleanOptionalAction,
       help='keep each image\'s teacher features in memory after its first forward and reuse them at later epochs, '
-           'without reading the image again (exact: the teacher is frozen and the images are never augmented). '
+           'without reading the image again when the samples are prepared in the training process (--workers 0) '
+           '(exact: the teacher is frozen and the images are never augmented). '
            'Default: on for the toy world '
            '(288 images x 96 x 16 x 32 floats = 57 MB; the teacher was 8 %% of a toy step), off on real data '
            '(ViT-L/14 at 224,448: 2 MB per image in fp32, 0.3 TB for nuScenes\' 28k scans x 6 cameras)')

@@ -329,8 +329,10 @@ class ProjectionIndex(NamedTuple):
 # kernel), measured with freed memory kept in the process (keep_freed_memory). On a real 34,688-point nuScenes
 # sweep (dilated cells: 18 % of 256 x 256, 44 % of 256 x 32), training step of WI-12-64 at 1 thread 896 ms with a
 # 50 % threshold, 738 ms with 8 %; WI-12-256 4,455 vs 4,495 ms; toy planes (3 % of 128 x 128 sparse, 10-13 % of
-# 128 x 16 dense) 2.7 -> 2.0 ms per mixing layer on the 128 x 16 planes.
+# 128 x 16 dense) 2.7 -> 2.0 ms per mixing layer on the 128 x 16 planes. Measured on CPU only: other devices keep
+# the earlier 50 % (SPARSE_MAX_FILL_OTHER) until someone times them.
 SPARSE_MAX_FILL = 0.08
+SPARSE_MAX_FILL_OTHER = 0.5
 _TAPS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 0), (0, 1), (1, -1), (1, 0), (1, 1))  # weight[:, 0, u+1, v+1]
 
 
@@ -356,7 +358,7 @@ def sparse_plane(index, weight, H, W, batch):
     b, i, j = occupied // (H * W), occupied % (H * W) // W, occupied % W
     around = torch.stack([b * (H * W) + (i + u).clamp(0, H - 1) * W + (j + v).clamp(0, W - 1) for u, v in _TAPS])
     dilated = torch.unique(around)                                                 # (n_dil,) sorted keys
-    if len(dilated) > SPARSE_MAX_FILL * batch * H * W:
+    if len(dilated) > (SPARSE_MAX_FILL if index.device.type == 'cpu' else SPARSE_MAX_FILL_OTHER) * batch * H * W:
         return None
     rows = torch.searchsorted(occupied, index)                                     # (B*N,) row in `occupied`
     return ProjectionIndex(rows, weight, (int(H), int(W)), rows=len(occupied),
@@ -1237,6 +1239,11 @@ def _load_weights_strict(model, weights, where):
     model.load_state_dict(weights, strict=True)
 
 
+# Optimizer settings that choose how a step is computed, not what it computes: a checkpoint written by a plain AdamW
+# resumes into a fused one (and back) without GradScaler or the optimizer being told the other implementation.
+_STEP_IMPLEMENTATION = ('fused', 'foreach')
+
+
 def restore_training_state(ckpt, model, optimizer=None, scheduler=None, scaler=None, model_key=None,
                            restore_rng=True):
     """Load a training_state() checkpoint (dict or path) into freshly built objects; returns (epoch, iteration).
@@ -1256,7 +1263,11 @@ def restore_training_state(ckpt, model, optimizer=None, scheduler=None, scaler=N
             if name not in ckpt:
                 raise KeyError(f"checkpoint {where} has no {name!r} state: it is not a training checkpoint "
                                f"(use it as --ckpt to initialise, not --resume)")
-            obj.load_state_dict(ckpt[name])
+            state = ckpt[name]
+            if name == 'optim':  # how the step runs is this optimizer's own (make_adamw), not the checkpoint's
+                state = dict(state, param_groups=[dict(g, **{k: mine[k] for k in _STEP_IMPLEMENTATION if k in mine})
+                                                  for g, mine in zip(state['param_groups'], obj.param_groups)])
+            obj.load_state_dict(state)
     if restore_rng and 'rng' in ckpt:
         per_rank = ckpt.get('rng_per_rank')
         use_own = per_rank is not None and len(per_rank) == _world_size()
@@ -1289,7 +1300,8 @@ def setup_device(name=None):
     want = resolve_device(name)
     rank, world, device = ddp_setup(device=want.type)
     data.one_blas_thread()  # numpy's products here are small; its BLAS threads would only compete with torch's
-    keep_freed_memory()
+    if want.type == 'cpu':  # the activations live in this process's heap only when training on CPU
+        keep_freed_memory()
     return rank, world, (want if world == 1 else device)
 
 
@@ -1298,13 +1310,13 @@ def keep_freed_memory(mmap_max=32 << 20, trim=(1 << 31) - 1):
     (until more than `trim` bytes are free at its top). By default glibc maps big blocks afresh and hands freed
     memory back to the system, so every training step page-faults its large activations in again (a toy
     distillation update, whose neighbour tensors are 19 MB each: 96 -> 87 ms on 2 cores). The process keeps its
-    peak memory instead of returning it between steps. Returns False (nothing changed) where mallopt is missing
-    (not glibc) or refuses a value."""
+    peak memory instead of returning it between steps. Called on CPU only (setup_device, the CPU bench). Returns True
+    when both settings took, False where mallopt is missing (not glibc: macOS, musl, Windows) or refuses a value."""
     import ctypes
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
     try:
         mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # TypeError: Windows' ctypes has no CDLL(None)
         return False
     return bool(mallopt(M_MMAP_THRESHOLD, int(mmap_max))) and bool(mallopt(M_TRIM_THRESHOLD, int(trim)))
 
@@ -2179,7 +2191,8 @@ def bench_main(argv):
                    help="torch CPU threads (0: PyTorch default; 1 gives steadier figures on a shared machine)")
     args = p.parse_args(argv)
     args.device = str(resolve_device(args.device))
-    keep_freed_memory()  # as the training stages run (setup_device), for both implementations
+    if args.device == "cpu":
+        keep_freed_memory()  # as the training stages run on CPU (setup_device), for both implementations
     if args.threads:
         torch.set_num_threads(args.threads)
     opts = dict(vars(args), impls=["ours", "naive"] if args.impl == "both" else [args.impl])
