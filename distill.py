@@ -172,7 +172,10 @@ def teacher_maps(teachers, images, cache=None, keys=None):
 def student_outputs(model, batch, dims):
     """Head output at every real point, parts l2-normalised per teacher (Supp. B.2). -> (M, sum dims)"""
     out = model(batch['feat'], batch['cells'], batch['neighbors'], batch['occupied'])  # (B, C, Nmax)
-    out = out.transpose(1, 2)[batch['occupied']]  # (M, C), scan-major like batch['pairs']
+    B, C, N = out.shape
+    rows = batch['occupied'].reshape(-1).nonzero().squeeze(1)  # (M,) real points, scan-major like batch['pairs']
+    # out.transpose(1, 2)[occupied] as a row gather: the same (M, C), its backward 3x faster on CPU than a mask's
+    out = out.transpose(1, 2).reshape(B * N, C).index_select(0, rows)  # (M, C)
     return wi.normalize_parts(out, list(dims), dim=1) if len(dims) > 1 else out
 
 
