@@ -1309,7 +1309,7 @@ def keep_freed_memory(mmap_max=32 << 20, trim=(1 << 31) - 1):
     """glibc's malloc: blocks up to `mmap_max` bytes come from the heap, and freed heap memory stays in the process
     (until more than `trim` bytes are free at its top). By default glibc maps big blocks afresh and hands freed
     memory back to the system, so every training step page-faults its large activations in again (a toy
-    distillation update, whose neighbour tensors are 19 MB each: 96 -> 87 ms on 2 cores). The process keeps its
+    distillation update, whose neighbour tensors are 19 MB each: 96 -> 86 ms on 2 cores). The process keeps its
     peak memory instead of returning it between steps. Called on CPU only (setup_device, the CPU bench). Returns True
     when both settings took, False where mallopt is missing (not glibc: macOS, musl, Windows) or refuses a value."""
     import ctypes
