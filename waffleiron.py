@@ -1299,10 +1299,17 @@ def setup_device(name=None):
     launched by torchrun (each process its local GPU). Returns (rank, world size, device)."""
     want = resolve_device(name)
     rank, world, device = ddp_setup(device=want.type)
-    data.one_blas_thread()  # numpy's products here are small; its BLAS threads would only compete with torch's
-    if want.type == 'cpu':  # the activations live in this process's heap only when training on CPU
-        keep_freed_memory()
+    tune_process(want)
     return rank, world, (want if world == 1 else device)
+
+
+def tune_process(device):
+    """Process-wide settings for computing on `device` (every stage through setup_device, and the bench): numpy's
+    BLAS on one thread (its products here are small; its threads would only compete with torch's) and, on CPU,
+    freed memory kept in the process (the activations live in this process's heap only when training on CPU)."""
+    data.one_blas_thread()
+    if torch.device(device).type == 'cpu':
+        keep_freed_memory()
 
 
 def keep_freed_memory(mmap_max=32 << 20, trim=(1 << 31) - 1):
@@ -1310,7 +1317,7 @@ def keep_freed_memory(mmap_max=32 << 20, trim=(1 << 31) - 1):
     (until more than `trim` bytes are free at its top). By default glibc maps big blocks afresh and hands freed
     memory back to the system, so every training step page-faults its large activations in again (a toy
     distillation update, whose neighbour tensors are 19 MB each: 96 -> 86 ms on 2 cores). The process keeps its
-    peak memory instead of returning it between steps. Called on CPU only (setup_device, the CPU bench). Returns True
+    peak memory instead of returning it between steps. Called on CPU only (tune_process). Returns True
     when both settings took, False where mallopt is missing (not glibc: macOS, musl, Windows) or refuses a value."""
     import ctypes
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
@@ -2191,8 +2198,7 @@ def bench_main(argv):
                    help="torch CPU threads (0: PyTorch default; 1 gives steadier figures on a shared machine)")
     args = p.parse_args(argv)
     args.device = str(resolve_device(args.device))
-    if args.device == "cpu":
-        keep_freed_memory()  # as the training stages run on CPU (setup_device), for both implementations
+    tune_process(args.device)  # as the stages run (setup_device), for both implementations
     if args.threads:
         torch.set_num_threads(args.threads)
     opts = dict(vars(args), impls=["ours", "naive"] if args.impl == "both" else [args.impl])
