@@ -330,19 +330,15 @@ def head_logits(head, feats_list, device, amp):
 
 
 def apply_head(head, x):
-    """head(x) for x (1, F, L). The probe head BatchNorm1d -> Conv1d(F -> K, 1) runs its convolution as a matmul
-    (wi.pointwise: the same numbers, measured bit-identical over a toy head training; in training, CPU conv1d takes
-    a slow path for 1x1 kernels, 1.4-2x slower, measured). A DDP-wrapped head is called whole: its forward
-    prepares the gradient all-reduce."""
-    if isinstance(head, torch.nn.Sequential) and len(head) == 2 and is_pointwise_conv(head[1]):
-        return wi.pointwise(head[1].weight, head[0](x), head[1].bias)
+    """head(x) for x (1, F, L). The probe head BatchNorm1d -> Conv1d(F -> K, 1) runs layer by layer, its
+    convolution as a matmul (wi.apply_pointwise; measured bit-identical over a toy head training). Any other head
+    is called whole: a DDP-wrapped one (its forward prepares the gradient all-reduce), a Sequential subclass with
+    a forward of its own."""
+    if type(head) is torch.nn.Sequential:
+        for layer in head:
+            x = wi.apply_pointwise(layer, x)
+        return x
     return head(x)
-
-
-def is_pointwise_conv(m):
-    """A plain Conv1d with a 1-wide kernel: a per-point linear map of the channels."""
-    return type(m) is torch.nn.Conv1d and m.kernel_size == (1,) and m.stride == (1,) and m.padding == (0,) \
-        and m.groups == 1
 
 
 # ----------------------------------------------------------------------------------------------------------------

